@@ -1,0 +1,191 @@
+"""The `stream-relay` command: `up` (the whole stack), `serve` (relay node only),
+`demo-upstream`, and `envoy-config` (print the rendered Envoy config).
+
+Invalid flags or configuration print one line naming the problem and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+from extproc import demo_upstream
+from extproc.config import NodeSettings
+from extproc.envoy_config import EnvoyPorts, Upstream, render
+from extproc.errors import ConfigError
+from extproc.store import StoreLimits
+from extproc.store.memory import DEFAULT_ENDED_TTL_S, DEFAULT_MAX_BYTES, DEFAULT_MAX_LOG_BYTES
+from extproc.framing import DEFAULT_MAX_FRAME_BYTES
+
+USAGE_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, naming the problem: no usage dump for a typo in one flag.
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {message}\n")
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port out of range 0..65535: {value}")
+    return value
+
+
+def _positive(kind: type[int] | type[float]) -> argparse._ActionType:  # noqa: SLF001
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive: {text}")
+        return value
+
+    return parse
+
+
+def _add_store_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("session log")
+    group.add_argument("--store-max-bytes", type=_positive(int), default=DEFAULT_MAX_BYTES,
+                       help="bytes kept for all sessions together (LRU beyond; default 256 MiB)")
+    group.add_argument("--session-max-bytes", type=_positive(int), default=DEFAULT_MAX_LOG_BYTES,
+                       help="bytes kept for one session; beyond it the session fails "
+                            "(default 16 MiB)")
+    group.add_argument("--session-ttl", type=_positive(float), default=DEFAULT_ENDED_TTL_S,
+                       help="seconds a finished session stays resumable (default 900)")
+    group.add_argument("--max-event-bytes", type=_positive(int), default=DEFAULT_MAX_FRAME_BYTES,
+                       help="largest upstream event framed (default 1 MiB)")
+
+
+def _store_argv(args: argparse.Namespace) -> list[str]:
+    return [
+        "--store-max-bytes", str(args.store_max_bytes),
+        "--session-max-bytes", str(args.session_max_bytes),
+        "--session-ttl", str(args.session_ttl),
+        "--max-event-bytes", str(args.max_event_bytes),
+    ]
+
+
+def _node_settings(args: argparse.Namespace) -> NodeSettings:
+    limits = StoreLimits(
+        max_bytes=args.store_max_bytes,
+        max_log_bytes=args.session_max_bytes,
+        ended_ttl_s=args.session_ttl,
+    )
+    return NodeSettings(
+        host=args.host,
+        grpc_port=args.grpc_port,
+        http_port=args.http_port,
+        max_frame_bytes=args.max_event_bytes,
+        store=limits,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="stream-relay", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    up = commands.add_parser("up", help="run Envoy, the relay node and an upstream")
+    source = up.add_mutually_exclusive_group(required=True)
+    source.add_argument("--demo", action="store_true", help="run the built-in demo LLM upstream")
+    source.add_argument("--upstream", metavar="URL",
+                        help="an OpenAI-compatible server, e.g. http://127.0.0.1:11434")
+    up.add_argument("--port", type=_port, default=8080, help="public listener (default 8080)")
+    up.add_argument("--admin-port", type=_port, default=9901,
+                    help="Envoy admin on 127.0.0.1 (default 9901)")
+    up.add_argument("--listen-address", default="127.0.0.1",
+                    help="address of the public listener (default 127.0.0.1)")
+    up.add_argument("--demo-rate", type=_positive(float), default=50.0,
+                    help="demo upstream events per second per stream (default 50)")
+    _add_store_flags(up)
+
+    serve = commands.add_parser("serve", help="run only the relay node (bring your own Envoy)")
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--grpc-port", type=_port, default=50051,
+                       help="ext_proc gRPC port (default 50051; 0 = any free port)")
+    serve.add_argument("--http-port", type=_port, default=8081,
+                       help="HTTP front: resumes, /metrics, /healthz (default 8081)")
+    serve.add_argument("--ports-file", type=Path, help="write the bound ports here as JSON")
+    _add_store_flags(serve)
+
+    commands.add_parser("demo-upstream", help="run only the demo LLM upstream", add_help=False)
+
+    config = commands.add_parser("envoy-config", help="print the Envoy config for your ports")
+    config.add_argument("--port", type=_port, default=8080)
+    config.add_argument("--admin-port", type=_port, default=9901)
+    config.add_argument("--relay-grpc-port", type=_port, default=50051)
+    config.add_argument("--relay-http-port", type=_port, default=8081)
+    config.add_argument("--upstream", metavar="URL", required=True)
+    return parser
+
+
+def _up(args: argparse.Namespace) -> int:
+    from extproc.supervisor import StackOptions, StartupError, run_until_signalled, start_stack
+
+    if args.upstream is not None:
+        Upstream.from_url(args.upstream)  # fail fast, before starting anything
+    options = StackOptions(
+        port=args.port,
+        admin_port=args.admin_port,
+        listen_address=args.listen_address,
+        upstream=args.upstream,
+        demo_rate=args.demo_rate,
+        relay_args=_store_argv(args),
+    )
+    try:
+        stack = start_stack(options)
+    except StartupError as exc:
+        print(f"stream-relay: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"stream-relay is up\n"
+        f"  base URL       {stack.base_url}        (OpenAI-compatible: {stack.base_url}/v1)\n"
+        f"  Envoy admin    {stack.admin_url}\n"
+        f"  relay metrics  {stack.metrics_url}\n"
+        f"  upstream       {stack.upstream_url}{'  (demo)' if args.demo else ''}\n"
+        f"  logs           {stack.workdir}\n"
+        f"Ctrl-C stops everything.",
+        flush=True,
+    )
+    return run_until_signalled(stack, print_fn=lambda line: print(line, flush=True))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["demo-upstream"]:
+        return demo_upstream.main(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        if args.command == "up":
+            return _up(args)
+        if args.command == "serve":
+            from extproc.node import serve
+
+            asyncio.run(serve(_node_settings(args), args.ports_file))
+            return 0
+        ports = EnvoyPorts(
+            listen_port=args.port,
+            admin_port=args.admin_port,
+            relay_grpc_port=args.relay_grpc_port,
+            relay_http_port=args.relay_http_port,
+        )
+        sys.stdout.write(render(ports, Upstream.from_url(args.upstream)))
+        return 0
+    except ConfigError as exc:
+        print(f"stream-relay: error: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""The relay's error tree: every error a client can see, with its HTTP status and gRPC code.
+
+    RelayError
+    ├── MalformedEventId        400  INVALID_ARGUMENT   a Last-Event-ID / ?after= we never issued
+    ├── SessionNotFound         404  NOT_FOUND          unknown id (or, later, not yours)
+    ├── SessionGone             410  NOT_FOUND          existed, but expired or evicted
+    ├── LimitExceeded           429  RESOURCE_EXHAUSTED a documented limit was hit
+    └── StoreUnavailable        503  UNAVAILABLE        the session store cannot be reached
+
+Each front (HTTP, gRPC) maps these once, at its edge; nothing else builds error responses.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import ClassVar
+
+import grpc
+
+
+class RelayError(Exception):
+    """Base of every client-visible relay error."""
+
+    http_status: ClassVar[int] = 500
+    grpc_code: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
+    code: ClassVar[str] = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def json_body(self) -> bytes:
+        """OpenAI-shaped error body, so SDKs surface the message as they do for upstream errors."""
+        error = {"message": self.message, "type": "relay_error", "code": self.code}
+        return json.dumps({"error": error}).encode()
+
+
+class MalformedEventId(RelayError):
+    http_status = 400
+    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+    code = "malformed_event_id"
+
+
+class SessionNotFound(RelayError):
+    http_status = 404
+    grpc_code = grpc.StatusCode.NOT_FOUND
+    code = "session_not_found"
+
+
+class SessionGone(RelayError):
+    http_status = 410
+    grpc_code = grpc.StatusCode.NOT_FOUND
+    code = "session_gone"
+
+
+class LimitExceeded(RelayError):
+    http_status = 429
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    code = "limit_exceeded"
+
+
+class StoreUnavailable(RelayError):
+    http_status = 503
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+    code = "store_unavailable"
+
+
+class ConfigError(ValueError):
+    """Invalid flags or configuration; the CLI prints it as one line and exits 2."""

@@ -1,0 +1,49 @@
+"""Session ids and event ids: the one cursor format every front accepts.
+
+A session id is 128 random bits, URL-safe base64 (22 chars). An event id is
+`<session>:<seq>`; seq 0 means "before the first event". Parsing is strict and bounded.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass
+
+from extproc.errors import MalformedEventId
+
+SESSION_ID_BYTES = 16
+MAX_EVENT_ID_LENGTH = 64
+_SESSION_RE = re.compile(r"[A-Za-z0-9_-]{22}")
+_EVENT_ID_RE = re.compile(r"([A-Za-z0-9_-]{22}):(0|[1-9][0-9]{0,14})")
+
+
+def new_session_id() -> str:
+    return secrets.token_urlsafe(SESSION_ID_BYTES)
+
+
+def is_session_id(text: str) -> bool:
+    return _SESSION_RE.fullmatch(text) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class EventId:
+    session: str
+    seq: int
+
+    def __str__(self) -> str:
+        return f"{self.session}:{self.seq}"
+
+
+def format_event_id(session: str, seq: int) -> str:
+    return f"{session}:{seq}"
+
+
+def parse_event_id(text: str) -> EventId:
+    """Parse a client-supplied id; anything we could not have issued is MalformedEventId."""
+    if len(text) > MAX_EVENT_ID_LENGTH:
+        raise MalformedEventId(f"event id longer than {MAX_EVENT_ID_LENGTH} characters")
+    match = _EVENT_ID_RE.fullmatch(text.strip(" "))
+    if match is None:
+        raise MalformedEventId("event id must look like '<session>:<seq>' as sent in 'id:' lines")
+    return EventId(match.group(1), int(match.group(2)))

@@ -1,0 +1,137 @@
+"""The session log: one streamed response as an append-only list of events plus its end state.
+
+It is the only buffer and the one seam between writers and readers. Seqs start at 1 and are
+dense. Readers are `Cursor`s that hold an index, never a copy; a log that the store drops
+(evicted or expired) wakes every cursor, which then raises SessionGone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from enum import StrEnum
+
+from extproc.errors import SessionGone
+
+
+class EndState(StrEnum):
+    OPEN = "open"
+    DONE = "done"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+
+class WritePath(StrEnum):
+    INLINE = "inline"
+    DETACHED = "detached"
+
+
+# Per-event bookkeeping that counts against the store's byte budget besides the payload.
+EVENT_OVERHEAD_BYTES = 64
+LOG_OVERHEAD_BYTES = 512
+
+
+class SessionLog:
+    """Events of one session. Appends are synchronous; waiting for more is async."""
+
+    __slots__ = (
+        "_changed",
+        "_events",
+        "content_type",
+        "created_at",
+        "ended_at",
+        "gone_reason",
+        "nbytes",
+        "reason",
+        "session_id",
+        "state",
+        "write_path",
+    )
+
+    def __init__(self, session_id: str, *, content_type: str, write_path: WritePath) -> None:
+        self.session_id = session_id
+        self.content_type = content_type
+        self.write_path = write_path
+        self.created_at = time.monotonic()
+        self.ended_at: float | None = None
+        self.state = EndState.OPEN
+        self.reason = ""
+        self.gone_reason = ""  # set when the store dropped the log: "evicted" or "expired"
+        self.nbytes = LOG_OVERHEAD_BYTES
+        self._events: list[bytes] = []
+        self._changed: asyncio.Future[None] | None = None
+
+    @property
+    def last_seq(self) -> int:
+        return len(self._events)
+
+    def append(self, raw: bytes) -> int:
+        """Append one event (the bytes exactly as clients receive them); returns its seq."""
+        if self.state is not EndState.OPEN:
+            raise RuntimeError(f"append to a {self.state} session")
+        self._events.append(raw)
+        self.nbytes += len(raw) + EVENT_OVERHEAD_BYTES
+        self._wake()
+        return len(self._events)
+
+    def end(self, state: EndState, reason: str = "") -> None:
+        """Record the end state once; later calls are ignored (the first cause wins)."""
+        if self.state is not EndState.OPEN or state is EndState.OPEN:
+            return
+        self.state = state
+        self.reason = reason
+        self.ended_at = time.monotonic()
+        self._wake()
+
+    def drop(self, reason: str) -> None:
+        """The store let go of this log: free the payload and tell every waiting cursor."""
+        self.gone_reason = reason
+        self._events = []
+        self._wake()
+
+    def events_after(self, seq: int, limit: int) -> list[bytes]:
+        if self.gone_reason:
+            raise SessionGone(f"session {self.session_id} was {self.gone_reason}")
+        return self._events[seq : seq + limit]
+
+    async def wait_beyond(self, seq: int) -> None:
+        """Return once there is an event after `seq`, the log has ended, or it was dropped."""
+        while seq >= len(self._events) and self.state is EndState.OPEN and not self.gone_reason:
+            if self._changed is None:
+                self._changed = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._changed)
+
+    def _wake(self) -> None:
+        if self._changed is not None:
+            if not self._changed.done():
+                self._changed.set_result(None)
+            self._changed = None
+
+
+class Cursor:
+    """A reader's position on a log. Yields batches of event bytes, history first, then live."""
+
+    __slots__ = ("_log", "batch_limit", "seq")
+
+    def __init__(self, log: SessionLog, after: int, *, batch_limit: int = 256) -> None:
+        self._log = log
+        self.seq = after
+        self.batch_limit = batch_limit
+
+    @property
+    def log(self) -> SessionLog:
+        return self._log
+
+    async def batches(self) -> AsyncIterator[list[bytes]]:
+        """Yield until the log ends; raises SessionGone if the store drops it meanwhile."""
+        log = self._log
+        while True:
+            batch = log.events_after(self.seq, self.batch_limit)
+            if batch:
+                self.seq += len(batch)
+                yield batch
+                continue
+            if log.state is not EndState.OPEN:
+                return
+            await log.wait_beyond(self.seq)

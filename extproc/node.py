@@ -1,0 +1,84 @@
+"""The relay node process: the ext_proc gRPC server and the HTTP front on one event loop.
+
+Both share one session store. Ports may be 0 (the OS picks); the bound ports are written to
+a ports file once the node is ready so a supervisor never races on a guessed port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from aiohttp import web
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from extproc import service
+from extproc.config import NodeSettings
+from extproc.fronts.app import make_app
+from extproc.store import MemoryStore
+
+log = logging.getLogger("stream_relay.node")
+GRACE_S = 5.0
+
+
+@dataclass(frozen=True)
+class RunningNode:
+    grpc_server: grpc.aio.Server
+    http_runner: web.AppRunner
+    grpc_port: int
+    http_port: int
+    store: MemoryStore
+
+    async def stop(self, grace: float = GRACE_S) -> None:
+        await self.grpc_server.stop(grace)
+        await self.http_runner.cleanup()
+
+
+async def start_node(settings: NodeSettings) -> RunningNode:
+    store = MemoryStore(settings.store)
+    server = grpc.aio.server()
+    service.add_to_server(
+        service.ExternalProcessor(store, max_frame_bytes=settings.max_frame_bytes), server
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    grpc_port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+
+    runner = web.AppRunner(make_app(store), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.http_port)
+    await site.start()
+    http_port = runner.addresses[0][1]
+    return RunningNode(server, runner, grpc_port, http_port, store)
+
+
+def write_ports_file(path: Path, ports: dict[str, int]) -> None:
+    """Atomically publish the bound ports (readers never see a partial file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(ports))
+    os.replace(tmp, path)
+
+
+async def serve(settings: NodeSettings, ports_file: Path | None = None) -> None:
+    node = await start_node(settings)
+    log.info(
+        "relay node ready: ext_proc grpc %s:%d, http %s:%d",
+        settings.host, node.grpc_port, settings.host, node.http_port,
+    )
+    if ports_file is not None:
+        write_ports_file(ports_file, {"grpc_port": node.grpc_port, "http_port": node.http_port})
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("relay node stopping")
+    await node.stop()

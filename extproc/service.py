@@ -1,0 +1,42 @@
+"""The ext_proc gRPC servicer: a thin loop that feeds Envoy's messages to a StreamProcessor.
+
+Envoy may close the stream as soon as it needs nothing more, so cancellation is a normal
+end; a session still open when the stream goes away was cut short (client gone).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
+from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest, ProcessingResponse
+
+from extproc.log import EndState
+from extproc.processor import StreamProcessor
+from extproc.store import MemoryStore
+
+
+class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):  # type: ignore[misc]
+    def __init__(self, store: MemoryStore, *, max_frame_bytes: int) -> None:
+        self._store = store
+        self._max_frame_bytes = max_frame_bytes
+
+    async def Process(  # noqa: N802 - the gRPC method name
+        self,
+        request_iterator: AsyncIterator[ProcessingRequest],
+        context: grpc.aio.ServicerContext[ProcessingRequest, ProcessingResponse],
+    ) -> AsyncIterator[ProcessingResponse]:
+        processor = StreamProcessor(self._store, max_frame_bytes=self._max_frame_bytes)
+        try:
+            async for request in request_iterator:
+                response = processor.handle(request)
+                if response is not None:
+                    yield response
+        finally:
+            # Normal ends already closed the session; anything left open lost its client.
+            processor.finish(EndState.CANCELLED, "client disconnected")
+
+
+def add_to_server(servicer: ExternalProcessor, server: grpc.aio.Server) -> None:
+    ext_proc_grpc.add_ExternalProcessorServicer_to_server(servicer, server)

@@ -1,0 +1,142 @@
+"""The embedded session store: logs in this process, bounded by total bytes and a TTL.
+
+Eviction is least-recently-used by bytes (cachetools computes each log's size); a finished
+session also expires `ended_ttl_s` after its end. A dropped session leaves a small
+tombstone so that its readers get 410 Gone, not 404: lost history is said out loud.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cachetools import LRUCache
+
+from extproc.errors import ConfigError, SessionGone, SessionNotFound
+from extproc.ids import new_session_id
+from extproc.log import EVENT_OVERHEAD_BYTES, EndState, SessionLog, WritePath
+
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+DEFAULT_MAX_LOG_BYTES = 16 * 1024 * 1024
+DEFAULT_ENDED_TTL_S = 900.0
+DEFAULT_TOMBSTONES = 65_536
+
+
+@dataclass(frozen=True, kw_only=True)
+class StoreLimits:
+    max_bytes: int = DEFAULT_MAX_BYTES  # all logs together, payload plus bookkeeping
+    max_log_bytes: int = DEFAULT_MAX_LOG_BYTES  # one session; beyond it the session fails
+    ended_ttl_s: float = DEFAULT_ENDED_TTL_S  # how long a finished session stays resumable
+    tombstones: int = DEFAULT_TOMBSTONES  # dropped ids remembered to answer 410 instead of 404
+
+    def __post_init__(self) -> None:
+        if self.max_bytes < 1024 * 1024:
+            raise ConfigError(f"store max bytes must be at least 1 MiB, got {self.max_bytes}")
+        if not 1024 <= self.max_log_bytes <= self.max_bytes:
+            raise ConfigError(
+                f"max log bytes must be between 1 KiB and the store size, got {self.max_log_bytes}"
+            )
+        if self.ended_ttl_s <= 0:
+            raise ConfigError(f"session TTL must be positive, got {self.ended_ttl_s}")
+        if self.tombstones < 0:
+            raise ConfigError(f"tombstones must be >= 0, got {self.tombstones}")
+
+
+class _LogCache(LRUCache[str, SessionLog]):
+    """An LRU cache by bytes that tells the store about every eviction."""
+
+    def __init__(self, maxsize: int, on_evict: Callable[[SessionLog], None]) -> None:
+        super().__init__(maxsize=maxsize, getsizeof=lambda log: log.nbytes)
+        self._on_evict = on_evict
+
+    def popitem(self) -> tuple[str, SessionLog]:
+        key, log = super().popitem()
+        self._on_evict(log)
+        return key, log
+
+
+class MemoryStore:
+    """Session logs held in this process."""
+
+    def __init__(
+        self,
+        limits: StoreLimits | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.limits = limits or StoreLimits()
+        self._clock = clock
+        self._logs = _LogCache(self.limits.max_bytes, self._evicted)
+        self._expiries: deque[tuple[float, SessionLog]] = deque()
+        self._tombstones: LRUCache[str, str] = LRUCache(maxsize=max(1, self.limits.tombstones))
+        self.evictions = 0
+        self.expirations = 0
+
+    @property
+    def nbytes(self) -> int:
+        return int(self._logs.currsize)
+
+    def __len__(self) -> int:
+        return len(self._logs)
+
+    def create(self, *, content_type: str, write_path: WritePath) -> SessionLog:
+        self._expire()
+        log = SessionLog(new_session_id(), content_type=content_type, write_path=write_path)
+        self._logs[log.session_id] = log
+        return log
+
+    def get(self, session_id: str) -> SessionLog:
+        self._expire()
+        log = self._logs.get(session_id)
+        if log is not None:
+            return log
+        reason = self._tombstones.get(session_id)
+        if reason is not None:
+            raise SessionGone(f"session {session_id} was {reason}; its events are no longer kept")
+        raise SessionNotFound(f"no session {session_id}")
+
+    def append(self, log: SessionLog, events: list[bytes]) -> bool:
+        """Append a chunk's events; False once the log is no longer kept (dropped or failed).
+
+        Exceeding the per-session bound fails the session rather than silently trimming it.
+        """
+        if log.gone_reason or log.state is not EndState.OPEN:
+            return False
+        added = sum(len(raw) + EVENT_OVERHEAD_BYTES for raw in events)
+        if log.nbytes + added > self.limits.max_log_bytes:
+            self.end(log, EndState.FAILED, "log_limit_exceeded")
+            return False
+        for raw in events:
+            log.append(raw)
+        if log.session_id in self._logs:
+            self._logs[log.session_id] = log  # re-set so the cache re-counts its size
+            if log.gone_reason:  # the cache made room by evicting this very log
+                self._logs.pop(log.session_id, None)
+        return not log.gone_reason
+
+    def end(self, log: SessionLog, state: EndState, reason: str = "") -> None:
+        if log.state is not EndState.OPEN:
+            return
+        log.end(state, reason)
+        self._expiries.append((self._clock() + self.limits.ended_ttl_s, log))
+        self._expire()
+
+    def _expire(self) -> None:
+        now = self._clock()
+        while self._expiries and self._expiries[0][0] <= now:
+            _, log = self._expiries.popleft()
+            if self._logs.get(log.session_id) is log:
+                del self._logs[log.session_id]
+                self.expirations += 1
+                self._drop(log, "expired")
+
+    def _evicted(self, log: SessionLog) -> None:
+        self.evictions += 1
+        self._drop(log, "evicted")
+
+    def _drop(self, log: SessionLog, reason: str) -> None:
+        if self.limits.tombstones:
+            self._tombstones[log.session_id] = reason
+        log.drop(reason)

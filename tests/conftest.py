@@ -1,0 +1,54 @@
+"""Shared fixtures: real stacks (demo upstream, relay node, Envoy) on free loopback ports."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from extproc.supervisor import Stack, StackOptions, start_stack
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TEST_DEMO_RATE = 400.0  # events/s: fast enough for a quick suite, slow enough to be live
+
+
+def make_stack(tmp_path: Path, *, relay_args: tuple[str, ...] = ()) -> Stack:
+    return start_stack(
+        StackOptions(port=0, admin_port=0, demo_rate=TEST_DEMO_RATE, relay_args=relay_args),
+        workdir=tmp_path,
+    )
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """One stack shared by tests that do not break it."""
+    running = make_stack(tmp_path_factory.mktemp("stack"))
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def own_stack(tmp_path: Path) -> Iterator[Stack]:
+    """A stack for one test that kills or reconfigures parts of it."""
+    running = make_stack(tmp_path)
+    yield running
+    running.stop()
+
+
+def get_json(url: str) -> dict[str, object]:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return dict(json.load(response))
+
+
+def envoy_stats(stack: Stack) -> dict[str, int]:
+    """Envoy's counters and gauges by name."""
+    stats = get_json(f"{stack.admin_url}/stats?format=json")["stats"]
+    assert isinstance(stats, list)
+    return {s["name"]: int(s["value"]) for s in stats if "value" in s}
+
+
+def upstream_stats(stack: Stack) -> dict[str, int]:
+    return {k: int(v) for k, v in get_json(f"{stack.upstream_url}/demo/stats").items()}  # type: ignore[call-overload]
