@@ -17,9 +17,9 @@ from extproc import demo_upstream
 from extproc.config import NodeSettings
 from extproc.envoy_config import EnvoyPorts, Upstream, render
 from extproc.errors import ConfigError
+from extproc.framing import DEFAULT_MAX_FRAME_BYTES
 from extproc.store import StoreLimits
 from extproc.store.memory import DEFAULT_ENDED_TTL_S, DEFAULT_MAX_BYTES, DEFAULT_MAX_LOG_BYTES
-from extproc.framing import DEFAULT_MAX_FRAME_BYTES
 
 USAGE_ERROR = 2
 
@@ -40,7 +40,7 @@ def _port(text: str) -> int:
     return value
 
 
-def _positive(kind: type[int] | type[float]) -> argparse._ActionType:  # noqa: SLF001
+def _positive(kind: type[int] | type[float]) -> argparse._ActionType:
     def parse(text: str) -> int | float:
         try:
             value = kind(text)
@@ -55,23 +55,42 @@ def _positive(kind: type[int] | type[float]) -> argparse._ActionType:  # noqa: S
 
 def _add_store_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("session log")
-    group.add_argument("--store-max-bytes", type=_positive(int), default=DEFAULT_MAX_BYTES,
-                       help="bytes kept for all sessions together (LRU beyond; default 256 MiB)")
-    group.add_argument("--session-max-bytes", type=_positive(int), default=DEFAULT_MAX_LOG_BYTES,
-                       help="bytes kept for one session; beyond it the session fails "
-                            "(default 16 MiB)")
-    group.add_argument("--session-ttl", type=_positive(float), default=DEFAULT_ENDED_TTL_S,
-                       help="seconds a finished session stays resumable (default 900)")
-    group.add_argument("--max-event-bytes", type=_positive(int), default=DEFAULT_MAX_FRAME_BYTES,
-                       help="largest upstream event framed (default 1 MiB)")
+    group.add_argument(
+        "--store-max-bytes",
+        type=_positive(int),
+        default=DEFAULT_MAX_BYTES,
+        help="bytes kept for all sessions together (LRU beyond; default 256 MiB)",
+    )
+    group.add_argument(
+        "--session-max-bytes",
+        type=_positive(int),
+        default=DEFAULT_MAX_LOG_BYTES,
+        help="bytes kept for one session; beyond it the session fails (default 16 MiB)",
+    )
+    group.add_argument(
+        "--session-ttl",
+        type=_positive(float),
+        default=DEFAULT_ENDED_TTL_S,
+        help="seconds a finished session stays resumable (default 900)",
+    )
+    group.add_argument(
+        "--max-event-bytes",
+        type=_positive(int),
+        default=DEFAULT_MAX_FRAME_BYTES,
+        help="largest upstream event framed (default 1 MiB)",
+    )
 
 
 def _store_argv(args: argparse.Namespace) -> list[str]:
     return [
-        "--store-max-bytes", str(args.store_max_bytes),
-        "--session-max-bytes", str(args.session_max_bytes),
-        "--session-ttl", str(args.session_ttl),
-        "--max-event-bytes", str(args.max_event_bytes),
+        "--store-max-bytes",
+        str(args.store_max_bytes),
+        "--session-max-bytes",
+        str(args.session_max_bytes),
+        "--session-ttl",
+        str(args.session_ttl),
+        "--max-event-bytes",
+        str(args.max_event_bytes),
     ]
 
 
@@ -97,23 +116,40 @@ def build_parser() -> argparse.ArgumentParser:
     up = commands.add_parser("up", help="run Envoy, the relay node and an upstream")
     source = up.add_mutually_exclusive_group(required=True)
     source.add_argument("--demo", action="store_true", help="run the built-in demo LLM upstream")
-    source.add_argument("--upstream", metavar="URL",
-                        help="an OpenAI-compatible server, e.g. http://127.0.0.1:11434")
+    source.add_argument(
+        "--upstream", metavar="URL", help="an OpenAI-compatible server, e.g. http://127.0.0.1:11434"
+    )
     up.add_argument("--port", type=_port, default=8080, help="public listener (default 8080)")
-    up.add_argument("--admin-port", type=_port, default=9901,
-                    help="Envoy admin on 127.0.0.1 (default 9901)")
-    up.add_argument("--listen-address", default="127.0.0.1",
-                    help="address of the public listener (default 127.0.0.1)")
-    up.add_argument("--demo-rate", type=_positive(float), default=50.0,
-                    help="demo upstream events per second per stream (default 50)")
+    up.add_argument(
+        "--admin-port", type=_port, default=9901, help="Envoy admin on 127.0.0.1 (default 9901)"
+    )
+    up.add_argument(
+        "--listen-address",
+        default="127.0.0.1",
+        help="address of the public listener (default 127.0.0.1)",
+    )
+    up.add_argument(
+        "--demo-rate",
+        type=_positive(float),
+        default=50.0,
+        help="demo upstream events per second per stream (default 50)",
+    )
     _add_store_flags(up)
 
     serve = commands.add_parser("serve", help="run only the relay node (bring your own Envoy)")
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    serve.add_argument("--grpc-port", type=_port, default=50051,
-                       help="ext_proc gRPC port (default 50051; 0 = any free port)")
-    serve.add_argument("--http-port", type=_port, default=8081,
-                       help="HTTP front: resumes, /metrics, /healthz (default 8081)")
+    serve.add_argument(
+        "--grpc-port",
+        type=_port,
+        default=50051,
+        help="ext_proc gRPC port (default 50051; 0 = any free port)",
+    )
+    serve.add_argument(
+        "--http-port",
+        type=_port,
+        default=8081,
+        help="HTTP front: resumes, /metrics, /healthz (default 8081)",
+    )
     serve.add_argument("--ports-file", type=Path, help="write the bound ports here as JSON")
     _add_store_flags(serve)
 

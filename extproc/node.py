@@ -46,7 +46,7 @@ async def start_node(settings: NodeSettings) -> RunningNode:
     service.add_to_server(
         service.ExternalProcessor(store, max_frame_bytes=settings.max_frame_bytes), server
     )
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     grpc_port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
     await server.start()
@@ -71,7 +71,10 @@ async def serve(settings: NodeSettings, ports_file: Path | None = None) -> None:
     node = await start_node(settings)
     log.info(
         "relay node ready: ext_proc grpc %s:%d, http %s:%d",
-        settings.host, node.grpc_port, settings.host, node.http_port,
+        settings.host,
+        node.grpc_port,
+        settings.host,
+        node.http_port,
     )
     if ports_file is not None:
         write_ports_file(ports_file, {"grpc_port": node.grpc_port, "http_port": node.http_port})

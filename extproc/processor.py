@@ -61,7 +61,7 @@ def header_value(headers: HttpHeaders, name: str) -> str | None:
     """The first value of `name` (lower case); Envoy sends either raw_value or value."""
     for header in headers.headers.headers:
         if header.key == name:
-            return header.raw_value.decode("latin-1") if header.raw_value else header.value
+            return header.raw_value.decode("latin-1") if header.raw_value else str(header.value)
     return None
 
 
@@ -187,7 +187,9 @@ class StreamProcessor:
                 out.append(frame.raw)  # comments, retry-only blocks, a torn tail: untouched
                 continue
             seq += 1
-            raw = tag_sse(frame.raw, format_event_id(log.session_id, seq)) if self._tag else frame.raw
+            raw = (
+                tag_sse(frame.raw, format_event_id(log.session_id, seq)) if self._tag else frame.raw
+            )
             kept.append(raw)
             out.append(raw)
         if kept and not self._store.append(log, kept):

@@ -11,7 +11,6 @@ import contextlib
 import ctypes
 import importlib.util
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -188,8 +187,15 @@ def _start(stack: Stack, options: StackOptions) -> None:
         ports_file = stack.workdir / "upstream.ports"
         child = stack.spawn(
             "demo-upstream",
-            _python_child("demo-upstream", "--port", "0", "--rate", str(options.demo_rate),
-                          "--ports-file", str(ports_file)),
+            _python_child(
+                "demo-upstream",
+                "--port",
+                "0",
+                "--rate",
+                str(options.demo_rate),
+                "--ports-file",
+                str(ports_file),
+            ),
         )
         _wait_until("its ports file", child, lambda: _read_ports(ports_file) is not None)
         stack.upstream_url = f"http://{host}:{(_read_ports(ports_file) or {})['http_port']}"
@@ -201,8 +207,16 @@ def _start(stack: Stack, options: StackOptions) -> None:
     relay_ports_file = stack.workdir / "relay.ports"
     relay = stack.spawn(
         "relay",
-        _python_child("serve", "--grpc-port", "0", "--http-port", "0",
-                      "--ports-file", str(relay_ports_file), *options.relay_args),
+        _python_child(
+            "serve",
+            "--grpc-port",
+            "0",
+            "--http-port",
+            "0",
+            "--ports-file",
+            str(relay_ports_file),
+            *options.relay_args,
+        ),
     )
     _wait_until("its ports file", relay, lambda: _read_ports(relay_ports_file) is not None)
     relay_ports = _read_ports(relay_ports_file) or {}
@@ -226,11 +240,22 @@ def _start(stack: Stack, options: StackOptions) -> None:
     admin_path = stack.workdir / "envoy.admin"
     envoy = stack.spawn(
         "envoy",
-        [envoy_binary(), "-c", str(config_path), "--disable-hot-restart",
-         "--log-level", options.envoy_log_level, "--admin-address-path", str(admin_path)],
+        [
+            envoy_binary(),
+            "-c",
+            str(config_path),
+            "--disable-hot-restart",
+            "--log-level",
+            options.envoy_log_level,
+            "--admin-address-path",
+            str(admin_path),
+        ],
     )
-    _wait_until("its admin address", envoy, lambda: admin_path.is_file()
-                and bool(admin_path.read_text().strip()))
+    _wait_until(
+        "its admin address",
+        envoy,
+        lambda: admin_path.is_file() and bool(admin_path.read_text().strip()),
+    )
     stack.admin_url = f"http://{admin_path.read_text().strip()}"
     _wait_until("ready", envoy, lambda: _http_ok(f"{stack.admin_url}/ready"))
     port = _envoy_listener_port(stack.admin_url)

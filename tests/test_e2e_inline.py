@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
-import pytest
-from conftest import envoy_stats, upstream_stats
+from conftest import envoy_stats, make_stack, upstream_stats
 from httpx_sse import connect_sse
 
 from extproc.supervisor import Stack
@@ -35,8 +36,9 @@ def events_of(body: bytes) -> list[bytes]:
 
 
 def stream_bytes(stack: Stack, payload: dict[str, object], **headers: str) -> httpx.Response:
-    response = httpx.post(f"{stack.base_url}/v1/chat/completions", json=payload,
-                          headers=headers, timeout=30)
+    response = httpx.post(
+        f"{stack.base_url}/v1/chat/completions", json=payload, headers=headers, timeout=30
+    )
     response.read()
     return response
 
@@ -56,9 +58,10 @@ def test_stream_is_tagged_with_session_and_dense_ids(stack: Stack) -> None:
 
 
 def test_events_parse_with_a_standard_sse_client(stack: Stack) -> None:
-    with httpx.Client(timeout=30) as client, connect_sse(
-        client, "POST", f"{stack.base_url}/v1/chat/completions", json=chat()
-    ) as source:
+    with (
+        httpx.Client(timeout=30) as client,
+        connect_sse(client, "POST", f"{stack.base_url}/v1/chat/completions", json=chat()) as source,
+    ):
         session = source.response.headers["x-relay-session"]
         events = list(source.iter_sse())
     assert [e.id for e in events] == [f"{session}:{n}" for n in range(1, len(events) + 1)]
@@ -74,10 +77,12 @@ def test_non_streaming_and_errors_pass_through_byte_identical(stack: Stack) -> N
     assert "x-relay-session" not in relayed.headers
 
     failing = {"x-demo-status": "500"}
-    direct = httpx.post(f"{stack.upstream_url}/v1/chat/completions", json=chat(),
-                        headers=failing, timeout=30)
-    relayed = httpx.post(f"{stack.base_url}/v1/chat/completions", json=chat(),
-                         headers=failing, timeout=30)
+    direct = httpx.post(
+        f"{stack.upstream_url}/v1/chat/completions", json=chat(), headers=failing, timeout=30
+    )
+    relayed = httpx.post(
+        f"{stack.base_url}/v1/chat/completions", json=chat(), headers=failing, timeout=30
+    )
     assert relayed.status_code == 500
     assert relayed.content == direct.content
     assert "x-relay-session" not in relayed.headers
@@ -92,8 +97,11 @@ def test_resume_of_a_finished_session_replays_exactly_the_rest(stack: Stack) -> 
     session = full.headers["x-relay-session"]
     calls_before = upstream_stats(stack)["chat_completions"]
     for k in (0, 1, 7, len(events) - 1, len(events)):
-        resumed = stream_bytes(stack, chat(max_tokens=20, prompt="resume finished"),
-                               **{"Last-Event-ID": f"{session}:{k}"})
+        resumed = stream_bytes(
+            stack,
+            chat(max_tokens=20, prompt="resume finished"),
+            **{"Last-Event-ID": f"{session}:{k}"},
+        )
         assert resumed.status_code == 200, resumed.text
         assert resumed.headers["x-relay-session"] == session
         assert b"".join(events[:k]) + resumed.content == full.content
@@ -103,9 +111,12 @@ def test_resume_of_a_finished_session_replays_exactly_the_rest(stack: Stack) -> 
 def test_resume_of_a_live_session_read_slowly(stack: Stack) -> None:
     payload = chat(max_tokens=40, prompt="live and slow")
     headers = {"x-demo-rate": "40"}  # ~1 s of generation: the resume starts while it is live
-    with httpx.Client(timeout=30) as client, client.stream(
-        "POST", f"{stack.base_url}/v1/chat/completions", json=payload, headers=headers
-    ) as original:
+    with (
+        httpx.Client(timeout=30) as client,
+        client.stream(
+            "POST", f"{stack.base_url}/v1/chat/completions", json=payload, headers=headers
+        ) as original,
+    ):
         session = original.headers["x-relay-session"]
         seen = b""
         raw = original.iter_raw()
@@ -113,8 +124,12 @@ def test_resume_of_a_live_session_read_slowly(stack: Stack) -> None:
             seen += next(raw)
         head = events_of(seen)
         last_id = f"{session}:{len(head)}"
-        with client.stream("POST", f"{stack.base_url}/v1/chat/completions", json=payload,
-                           headers={"Last-Event-ID": last_id}) as resumed:
+        with client.stream(
+            "POST",
+            f"{stack.base_url}/v1/chat/completions",
+            json=payload,
+            headers={"Last-Event-ID": last_id},
+        ) as resumed:
             assert resumed.status_code == 200
             tail = b""
             for piece in resumed.iter_raw(64):  # a slow reader: small reads
@@ -136,23 +151,28 @@ def test_resume_errors_are_typed_json(stack: Stack) -> None:
     assert unknown.json()["error"]["code"] == "session_not_found"
 
 
-def test_evicted_session_is_410_not_404(tmp_path: object) -> None:
-    from conftest import make_stack
-
-    small = make_stack(tmp_path, relay_args=("--store-max-bytes", str(1 << 20),  # type: ignore[arg-type]
-                                              "--session-max-bytes", str(1 << 20)))
+def test_evicted_session_is_410_not_404(tmp_path: Path) -> None:
+    # A 1 MiB store holds one ~700 KB session: the second one evicts the first.
+    limits = ("--store-max-bytes", str(1 << 20), "--session-max-bytes", str(1 << 20))
+    small = make_stack(tmp_path, relay_args=limits)
     try:
         big = chat(max_tokens=2500, prompt="fill the store")
         first = stream_bytes(small, big, **{"x-demo-rate": "0"})
-        second = stream_bytes(small, dict(big, messages=[{"role": "user", "content": "more"}]),
-                              **{"x-demo-rate": "0"})
+        second = stream_bytes(
+            small, dict(big, messages=[{"role": "user", "content": "more"}]), **{"x-demo-rate": "0"}
+        )
         assert second.status_code == 200
-        gone = httpx.post(f"{small.base_url}/v1/chat/completions", json=big, timeout=30,
-                          headers={"Last-Event-ID": f"{first.headers['x-relay-session']}:1"})
+        gone = httpx.post(
+            f"{small.base_url}/v1/chat/completions",
+            json=big,
+            timeout=30,
+            headers={"Last-Event-ID": f"{first.headers['x-relay-session']}:1"},
+        )
         assert gone.status_code == 410, gone.text
         assert gone.json()["error"]["code"] == "session_gone"
-        kept = stream_bytes(small, big, **{"Last-Event-ID":
-                                           f"{second.headers['x-relay-session']}:2500"})
+        kept = stream_bytes(
+            small, big, **{"Last-Event-ID": f"{second.headers['x-relay-session']}:2500"}
+        )
         assert kept.status_code == 200
     finally:
         small.stop()
@@ -166,8 +186,11 @@ def test_client_cannot_route_itself_to_the_relay(stack: Stack) -> None:
 
 
 def test_ndjson_is_logged_and_resumable_but_not_rewritten(stack: Stack) -> None:
-    body = {"model": "demo-llm", "messages": [{"role": "user", "content": "lines"}],
-            "options": {"num_predict": 6}}
+    body = {
+        "model": "demo-llm",
+        "messages": [{"role": "user", "content": "lines"}],
+        "options": {"num_predict": 6},
+    }
     direct = httpx.post(f"{stack.upstream_url}/api/chat", json=body, timeout=30)
     relayed = httpx.post(f"{stack.base_url}/api/chat", json=body, timeout=30)
     assert relayed.status_code == 200
@@ -175,8 +198,12 @@ def test_ndjson_is_logged_and_resumable_but_not_rewritten(stack: Stack) -> None:
     lines = relayed.content.splitlines(keepends=True)
     assert len(lines) == 7  # 6 tokens + the final done line
     session = relayed.headers["x-relay-session"]
-    resumed = httpx.post(f"{stack.base_url}/api/chat", json=body, timeout=30,
-                         headers={"Last-Event-ID": f"{session}:2"})
+    resumed = httpx.post(
+        f"{stack.base_url}/api/chat",
+        json=body,
+        timeout=30,
+        headers={"Last-Event-ID": f"{session}:2"},
+    )
     assert resumed.status_code == 200
     assert resumed.headers["content-type"].startswith("application/x-ndjson")
     assert resumed.content == b"".join(lines[2:])
@@ -187,7 +214,9 @@ def test_openai_sdk_streams_through_the_relay(stack: Stack) -> None:
 
     client = OpenAI(base_url=f"{stack.base_url}/v1", api_key="unused", max_retries=0)
     with client.chat.completions.with_streaming_response.create(
-        model="demo-llm", messages=[{"role": "user", "content": "sdk"}], max_tokens=8,
+        model="demo-llm",
+        messages=[{"role": "user", "content": "sdk"}],
+        max_tokens=8,
         stream=True,
     ) as response:
         assert len(response.headers["x-relay-session"]) == 22
@@ -208,16 +237,22 @@ def test_relay_down_fails_open_untagged_then_recovers(own_stack: Stack) -> None:
     assert events_of(response.content)[-1] == b"data: [DONE]\n\n"
     assert envoy_stats(own_stack)["http.relay.ext_proc.failure_mode_allowed"] >= 1
 
-    grpc_port = int(own_stack.relay_http_url.rsplit(":", 1)[1])  # placeholder, replaced below
-    del grpc_port
-    ports = (own_stack.workdir / "relay.ports").read_text()
-    import json
-
-    bound = json.loads(ports)
+    # A new relay node on the same ports, as an orchestrator restarting it would start one.
+    bound = json.loads((own_stack.workdir / "relay.ports").read_text())
     restarted = subprocess.Popen(
-        [sys.executable, "-m", "extproc.cli", "serve", "--grpc-port", str(bound["grpc_port"]),
-         "--http-port", str(bound["http_port"])],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "extproc.cli",
+            "serve",
+            "--grpc-port",
+            str(bound["grpc_port"]),
+            "--http-port",
+            str(bound["http_port"]),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 20

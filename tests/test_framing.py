@@ -223,6 +223,18 @@ def test_cr_only_and_mixed_line_ends() -> None:
     check_against_reference(stream, frames)
 
 
+@pytest.mark.parametrize("eol", [b"\r", b"\r\n", b"\n"])
+def test_blocks_with_many_lines(eol: bytes) -> None:
+    # Past a few CR-ended lines the search switches strategy; the frames must not change.
+    block = eol.join([b": c"] * 9 + [b"data: " + b"d" * n for n in range(12)]) + eol + eol
+    stream = block * 3 + b"data: tail" + eol
+    whole = frame_all(SseFramer(), [stream])
+    assert [f.raw for f in whole] == [block] * 3 + [b"data: tail" + eol]
+    assert [f.complete for f in whole] == [True, True, True, False]
+    assert frame_all(SseFramer(), [stream[i : i + 1] for i in range(len(stream))]) == whole
+    check_against_reference(stream, whole)
+
+
 def test_bom_belongs_to_first_frame() -> None:
     for stream in (BOM + b"data: x\n\n", BOM + b"\ndata: x\n\n", BOM + b"\r"):
         whole = frame_all(SseFramer(), [stream])

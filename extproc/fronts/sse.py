@@ -17,7 +17,6 @@ from extproc.log import Cursor, EndState, SessionLog
 from extproc.processor import LAST_EVENT_ID_HEADER, SESSION_HEADER
 from extproc.store import MemoryStore
 
-
 STORE_KEY = web.AppKey("store", MemoryStore)
 
 
@@ -85,4 +84,3 @@ async def resume(request: web.Request) -> web.StreamResponse:
     except RelayError as error:
         return error_response(error)
     return await stream_cursor(request, cursor)
-

@@ -1,0 +1,167 @@
+"""The `stream-relay` command as a user runs it: errors, `up --demo`, clean shutdown."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from extproc.envoy_config import EnvoyPorts, Upstream, render
+from extproc.supervisor import envoy_binary
+
+CLI = [sys.executable, "-m", "extproc.cli"]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize(
+    ("args", "names"),
+    [
+        (["up"], "--demo"),
+        (["up", "--demo", "--upstream", "http://x"], "--upstream"),
+        (["up", "--demo", "--port", "70000"], "--port"),
+        (["up", "--demo", "--port", "eighty"], "--port"),
+        (["up", "--demo", "--demo-rate", "-1"], "--demo-rate"),
+        (["up", "--upstream", "ftp://example.org"], "--upstream"),
+        (["up", "--upstream", "http://example.org/v1"], "--upstream"),
+        (["serve", "--store-max-bytes", "10"], "store max bytes"),
+        (["serve", "--session-max-bytes", "999999999999"], "max log bytes"),
+        (["up", "--demo", "--bogus"], "--bogus"),
+        (["frobnicate"], "frobnicate"),
+    ],
+)
+def test_bad_flags_print_one_line_and_exit_2(args: list[str], names: str) -> None:
+    result = run_cli(*args)
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert names in lines[0]
+    assert result.stdout == ""
+
+
+def _live_pids_mentioning(text: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = (entry / "stat").read_text().split()[2]
+        except OSError:
+            continue
+        if text in cmdline and state != "Z":
+            pids.append(int(entry.name))
+    return pids
+
+
+def _refused(url: str) -> bool:
+    try:
+        httpx.get(url, timeout=2)
+    except httpx.ConnectError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+def test_up_demo_serves_tagged_streams_and_stops_every_child(stop_signal: int) -> None:
+    process = subprocess.Popen(
+        [*CLI, "up", "--demo", "--port", "0", "--admin-port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        banner = []
+        for line in process.stdout:
+            banner.append(line)
+            if "Ctrl-C stops everything" in line:
+                break
+        text = "".join(banner)
+        urls = dict(
+            re.findall(r"^\s+(base URL|Envoy admin|relay metrics|logs)\s+(\S+)", text, re.M)
+        )
+        assert set(urls) == {"base URL", "Envoy admin", "relay metrics", "logs"}, text
+        response = httpx.post(
+            f"{urls['base URL']}/v1/chat/completions",
+            json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True},
+            timeout=30,
+        )
+        assert "x-relay-session" in response.headers
+        assert response.content.startswith(b"id: ")
+        assert httpx.get(urls["relay metrics"], timeout=5).status_code == 200
+        assert _live_pids_mentioning(urls["logs"])  # the children are really running
+
+        process.send_signal(stop_signal)
+        assert process.wait(timeout=30) == 0
+        deadline = time.monotonic() + 10
+        while _live_pids_mentioning(urls["logs"]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _live_pids_mentioning(urls["logs"]) == []
+        for url in (urls["base URL"], urls["Envoy admin"], urls["relay metrics"]):
+            assert _refused(url), url
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_up_with_an_upstream_that_is_not_there_still_starts() -> None:
+    # Envoy answers 503 for a dead upstream; the stack itself is healthy.
+    process = subprocess.Popen(
+        [*CLI, "up", "--upstream", "http://127.0.0.1:9", "--port", "0", "--admin-port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        base = ""
+        for line in process.stdout:
+            if "base URL" in line:
+                base = line.split()[2]
+            if "Ctrl-C" in line:
+                break
+        response = httpx.post(f"{base}/v1/chat/completions", json={}, timeout=30)
+        assert response.status_code == 503
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+
+
+@pytest.mark.parametrize(
+    "upstream", ["http://127.0.0.1:8000", "https://api.openai.com", "http://ollama.internal:11434"]
+)
+def test_rendered_envoy_config_validates(tmp_path: Path, upstream: str) -> None:
+    ports = EnvoyPorts(
+        listen_port=8080, admin_port=9901, relay_grpc_port=50051, relay_http_port=8081
+    )
+    config = tmp_path / "envoy.yaml"
+    config.write_text(render(ports, Upstream.from_url(upstream)))
+    result = subprocess.run(
+        [envoy_binary(), "--mode", "validate", "-c", str(config), "--disable-hot-restart"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OK" in result.stdout + result.stderr
+
+
+def test_envoy_config_command_prints_the_same_config() -> None:
+    result = run_cli("envoy-config", "--upstream", "http://127.0.0.1:8000")
+    assert result.returncode == 0
+    ports = EnvoyPorts(
+        listen_port=8080, admin_port=9901, relay_grpc_port=50051, relay_http_port=8081
+    )
+    assert result.stdout == render(ports, Upstream.from_url("http://127.0.0.1:8000"))
+    assert os.linesep in result.stdout
