@@ -15,7 +15,13 @@ from typing import NoReturn
 
 from extproc import demo_upstream
 from extproc.config import NodeSettings
-from extproc.envoy_config import EnvoyPorts, Upstream, render
+from extproc.detached import (
+    DEFAULT_GRACE_S,
+    DEFAULT_MAX_READERS_PER_SESSION,
+    DEFAULT_MAX_REQUEST_BYTES,
+    DetachSettings,
+)
+from extproc.envoy_config import WRITE_PATHS, EnvoyPorts, Upstream, render
 from extproc.errors import ConfigError
 from extproc.framing import DEFAULT_MAX_FRAME_BYTES
 from extproc.store import StoreLimits
@@ -81,17 +87,50 @@ def _add_store_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _store_argv(args: argparse.Namespace) -> list[str]:
-    return [
-        "--store-max-bytes",
-        str(args.store_max_bytes),
-        "--session-max-bytes",
-        str(args.session_max_bytes),
-        "--session-ttl",
-        str(args.session_ttl),
-        "--max-event-bytes",
-        str(args.max_event_bytes),
-    ]
+def _add_detach_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("detached generations")
+    group.add_argument(
+        "--detach-grace",
+        type=_non_negative,
+        default=DEFAULT_GRACE_S,
+        help="seconds a generation outlives its last reader (default 30)",
+    )
+    group.add_argument(
+        "--max-readers-per-session",
+        type=_positive(int),
+        default=DEFAULT_MAX_READERS_PER_SESSION,
+        help="readers on one session at once (default 1000)",
+    )
+    group.add_argument(
+        "--max-request-bytes",
+        type=_positive(int),
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        help="largest generation request body (default 8 MiB)",
+    )
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text}")
+    return value
+
+
+def _relay_argv(args: argparse.Namespace) -> list[str]:
+    """The `up` flags that configure the relay node, passed on to its `serve` process."""
+    flags = {
+        "--store-max-bytes": args.store_max_bytes,
+        "--session-max-bytes": args.session_max_bytes,
+        "--session-ttl": args.session_ttl,
+        "--max-event-bytes": args.max_event_bytes,
+        "--detach-grace": args.detach_grace,
+        "--max-readers-per-session": args.max_readers_per_session,
+        "--max-request-bytes": args.max_request_bytes,
+    }
+    return [part for flag, value in flags.items() for part in (flag, str(value))]
 
 
 def _node_settings(args: argparse.Namespace) -> NodeSettings:
@@ -106,6 +145,12 @@ def _node_settings(args: argparse.Namespace) -> NodeSettings:
         http_port=args.http_port,
         max_frame_bytes=args.max_event_bytes,
         store=limits,
+        detach=DetachSettings(
+            egress_url=args.egress_url,
+            grace_s=args.detach_grace,
+            max_request_bytes=args.max_request_bytes,
+            max_readers_per_session=args.max_readers_per_session,
+        ),
     )
 
 
@@ -134,7 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=50.0,
         help="demo upstream events per second per stream (default 50)",
     )
+    up.add_argument(
+        "--write-path",
+        choices=WRITE_PATHS,
+        default="detached",
+        help="generation calls: detached (survive disconnects; default) or inline",
+    )
     _add_store_flags(up)
+    _add_detach_flags(up)
 
     serve = commands.add_parser("serve", help="run only the relay node (bring your own Envoy)")
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
@@ -151,7 +203,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="HTTP front: resumes, /metrics, /healthz (default 8081)",
     )
     serve.add_argument("--ports-file", type=Path, help="write the bound ports here as JSON")
+    serve.add_argument(
+        "--egress-url",
+        default="",
+        metavar="URL",
+        help="Envoy's egress listener for detached generations, "
+        "e.g. http://127.0.0.1:10001 (default: detached path off)",
+    )
     _add_store_flags(serve)
+    _add_detach_flags(serve)
 
     commands.add_parser("demo-upstream", help="run only the demo LLM upstream", add_help=False)
 
@@ -160,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("--admin-port", type=_port, default=9901)
     config.add_argument("--relay-grpc-port", type=_port, default=50051)
     config.add_argument("--relay-http-port", type=_port, default=8081)
+    config.add_argument("--egress-port", type=_port, default=10001)
+    config.add_argument("--write-path", choices=WRITE_PATHS, default="detached")
     config.add_argument("--upstream", metavar="URL", required=True)
     return parser
 
@@ -175,7 +237,8 @@ def _up(args: argparse.Namespace) -> int:
         listen_address=args.listen_address,
         upstream=args.upstream,
         demo_rate=args.demo_rate,
-        relay_args=_store_argv(args),
+        write_path=args.write_path,
+        relay_args=_relay_argv(args),
     )
     try:
         stack = start_stack(options)
@@ -215,8 +278,10 @@ def main(argv: list[str] | None = None) -> int:
             admin_port=args.admin_port,
             relay_grpc_port=args.relay_grpc_port,
             relay_http_port=args.relay_http_port,
+            egress_port=args.egress_port,
         )
-        sys.stdout.write(render(ports, Upstream.from_url(args.upstream)))
+        upstream = Upstream.from_url(args.upstream)
+        sys.stdout.write(render(ports, upstream, write_path=args.write_path))
         return 0
     except ConfigError as exc:
         print(f"stream-relay: error: {exc}", file=sys.stderr)

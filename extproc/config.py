@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from extproc.detached import DetachSettings
 from extproc.errors import ConfigError
 from extproc.framing import DEFAULT_MAX_FRAME_BYTES
 from extproc.store import StoreLimits
@@ -19,6 +20,7 @@ class NodeSettings:
     http_port: int = 0  # resumes, reader endpoints, /metrics, /healthz
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES  # largest upstream event we frame
     store: StoreLimits = field(default_factory=StoreLimits)
+    detach: DetachSettings = field(default_factory=DetachSettings)
 
     def __post_init__(self) -> None:
         for name in ("grpc_port", "http_port"):

@@ -68,6 +68,10 @@ class EnvoyPorts:
     relay_host: str = "127.0.0.1"
     relay_grpc_port: int
     relay_http_port: int
+    egress_port: int = 10001  # loopback listener for the relay's own upstream calls
+
+
+WRITE_PATHS = ("detached", "inline")
 
 
 def template_text() -> str:
@@ -78,8 +82,12 @@ def template_text() -> str:
     return (Path(__file__).resolve().parent.parent / "envoy" / TEMPLATE_NAME).read_text()
 
 
-def render(ports: EnvoyPorts, upstream: Upstream) -> str:
+def render(ports: EnvoyPorts, upstream: Upstream, *, write_path: str = "detached") -> str:
+    if write_path not in WRITE_PATHS:
+        raise ConfigError(f"write path must be one of {', '.join(WRITE_PATHS)}, got {write_path!r}")
     return Template(template_text()).substitute(
+        EGRESS_PORT=ports.egress_port,
+        GENERATION_WRITE_PATH=write_path,
         ADMIN_PORT=ports.admin_port,
         LISTEN_ADDRESS=ports.listen_address,
         LISTEN_PORT=ports.listen_port,

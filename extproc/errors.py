@@ -4,6 +4,7 @@
     ├── MalformedEventId        400  INVALID_ARGUMENT   a Last-Event-ID / ?after= we never issued
     ├── SessionNotFound         404  NOT_FOUND          unknown id (or, later, not yours)
     ├── SessionGone             410  NOT_FOUND          existed, but expired or evicted
+    ├── SessionConflict         409  FAILED_PRECONDITION not possible in the session's state
     ├── LimitExceeded           429  RESOURCE_EXHAUSTED a documented limit was hit
     └── StoreUnavailable        503  UNAVAILABLE        the session store cannot be reached
 
@@ -51,6 +52,12 @@ class SessionGone(RelayError):
     http_status = 410
     grpc_code = grpc.StatusCode.NOT_FOUND
     code = "session_gone"
+
+
+class SessionConflict(RelayError):
+    http_status = 409
+    grpc_code = grpc.StatusCode.FAILED_PRECONDITION
+    code = "session_conflict"
 
 
 class LimitExceeded(RelayError):

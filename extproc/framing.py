@@ -9,6 +9,10 @@ from dataclasses import dataclass
 DEFAULT_MAX_FRAME_BYTES = 1 << 20
 _BOM = b"\xef\xbb\xbf"
 _NDJSON_TYPES = frozenset({"application/x-ndjson", "application/jsonl"})
+# A blank line starts where one line end is directly followed by another: LF LF, LF CR or CR CR
+# (a CR followed by LF is one CRLF). The search helpers find that two-byte marker.
+_BLANK = re.compile(rb"\n[\r\n]|\r\r")
+_CR_STEPS = 4  # CR-ended lines checked by hand (memchr) before one regex pass (~5 ns/byte)
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,12 +24,14 @@ class Frame:
 
 class FrameTooLarge(Exception):
     """One frame outgrew max_frame_bytes. `frames` holds the frames completed before it in the
-    same feed() call. The framer is unusable afterwards: fail the stream and drop the framer."""
+    same feed() call and `rest` every byte fed but not in them, so nothing is lost. The framer
+    is unusable afterwards: fail the stream and drop the framer."""
 
-    def __init__(self, limit: int, frames: list[Frame]) -> None:
+    def __init__(self, limit: int, frames: list[Frame], rest: bytes = b"") -> None:
         super().__init__(f"frame exceeds max_frame_bytes={limit}")
         self.limit = limit
         self.frames = frames
+        self.rest = rest
 
 
 class _Framer:
@@ -49,7 +55,7 @@ class _Framer:
         frames: list[Frame] = []
         start, scan = self._cut(buf, self._scan, frames)
         if len(buf) - start > self._limit:  # bounds memory: at most the limit plus one chunk
-            raise FrameTooLarge(self._limit, frames)
+            raise FrameTooLarge(self._limit, frames, bytes(buf[start:]))
         if buf is self._buf:
             del self._buf[:start]  # cheap: bytearray trims its head in place
         elif start < len(buf):
@@ -102,7 +108,7 @@ class SseFramer(_Framer):
             else:
                 return start, max(b - 1, start)  # wait for the next byte (or close())
             if end - start > limit:
-                raise FrameTooLarge(limit, frames)
+                raise FrameTooLarge(limit, frames, bytes(buf[start:]))
             raw = bytes(buf[start:end])
             frames.append(Frame(raw, _has_data(_skip_bom(raw) if self._first else raw)))
             self._first = False
@@ -129,7 +135,7 @@ class NdjsonFramer(_Framer):
         start, limit = 0, self._limit
         while (i := buf.find(b"\n", scan)) >= 0:
             if i + 1 - start > limit:
-                raise FrameTooLarge(limit, frames)
+                raise FrameTooLarge(limit, frames, bytes(buf[start:]))
             raw = bytes(buf[start : i + 1])
             frames.append(Frame(raw, not raw.isspace()))
             start = scan = i + 1
@@ -152,12 +158,6 @@ def framer_for(
     if mime in _NDJSON_TYPES:
         return NdjsonFramer(max_frame_bytes=max_frame_bytes)
     return None
-
-
-# A blank line starts where one line end is directly followed by another: LF LF, LF CR or CR CR
-# (a CR followed by LF is one CRLF). These find that two-byte marker; memchr-backed finds first.
-_BLANK = re.compile(rb"\n[\r\n]|\r\r")
-_CR_STEPS = 4  # lines checked by hand before one regex pass (~5 ns/byte) takes the rest
 
 
 def _lf_lf(buf: bytes | bytearray, pos: int, end: int) -> int:

@@ -43,7 +43,7 @@ def parse_event_id(text: str) -> EventId:
     """Parse a client-supplied id; anything we could not have issued is MalformedEventId."""
     if len(text) > MAX_EVENT_ID_LENGTH:
         raise MalformedEventId(f"event id longer than {MAX_EVENT_ID_LENGTH} characters")
-    match = _EVENT_ID_RE.fullmatch(text.strip(" "))
+    match = _EVENT_ID_RE.fullmatch(text)
     if match is None:
         raise MalformedEventId("event id must look like '<session>:<seq>' as sent in 'id:' lines")
     return EventId(match.group(1), int(match.group(2)))

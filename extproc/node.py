@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from extproc import service
 from extproc.config import NodeSettings
+from extproc.detached import Generations
 from extproc.fronts.app import make_app
 from extproc.store import MemoryStore
 
@@ -34,14 +35,17 @@ class RunningNode:
     grpc_port: int
     http_port: int
     store: MemoryStore
+    generations: Generations
 
     async def stop(self, grace: float = GRACE_S) -> None:
         await self.grpc_server.stop(grace)
+        await self.generations.close()
         await self.http_runner.cleanup()
 
 
 async def start_node(settings: NodeSettings) -> RunningNode:
     store = MemoryStore(settings.store)
+    generations = Generations(store, settings.detach, max_frame_bytes=settings.max_frame_bytes)
     server = grpc.aio.server()
     service.add_to_server(
         service.ExternalProcessor(store, max_frame_bytes=settings.max_frame_bytes), server
@@ -52,12 +56,19 @@ async def start_node(settings: NodeSettings) -> RunningNode:
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
 
-    runner = web.AppRunner(make_app(store), access_log=None, handle_signals=False)
+    # handler_cancellation: a reader whose client went away stops counting at once, which
+    # is what starts a detached generation's grace period.
+    runner = web.AppRunner(
+        make_app(store, generations),
+        access_log=None,
+        handle_signals=False,
+        handler_cancellation=True,
+    )
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.http_port)
     await site.start()
     http_port = runner.addresses[0][1]
-    return RunningNode(server, runner, grpc_port, http_port, store)
+    return RunningNode(server, runner, grpc_port, http_port, store, generations)
 
 
 def write_ports_file(path: Path, ports: dict[str, int]) -> None:

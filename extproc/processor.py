@@ -23,15 +23,18 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
     TrailersResponse,
 )
 
-from extproc.framing import Frame, FrameTooLarge, NdjsonFramer, SseFramer, framer_for, tag_sse
-from extproc.ids import format_event_id
+from extproc.framing import framer_for
 from extproc.log import EndState, SessionLog, WritePath
 from extproc.store import MemoryStore
+from extproc.writer import SessionWriter
 
 SESSION_HEADER = "x-relay-session"
 # Set by the processor, matched by Envoy's route table; Envoy strips any client-sent copy.
 ROUTE_HEADER = "x-relay-target"
 ROUTE_RESUME = "resume"
+ROUTE_DETACHED = "detached"
+# gRPC metadata that Envoy's per-route ext_proc override sends for detached routes.
+WRITE_PATH_METADATA = "x-relay-write-path"
 LAST_EVENT_ID_HEADER = "last-event-id"
 
 _CONTINUE_REQUEST = ProcessingResponse(request_headers=HeadersResponse())
@@ -82,19 +85,18 @@ def _body(data: bytes) -> ProcessingResponse:
 class StreamProcessor:
     """What the relay does with one HTTP stream; made fresh for every ext_proc gRPC stream."""
 
-    __slots__ = ("_framer", "_log", "_max_frame_bytes", "_rerouted", "_store", "_tag")
+    __slots__ = ("_max_frame_bytes", "_rerouted", "_store", "_writer", "detach")
 
-    def __init__(self, store: MemoryStore, *, max_frame_bytes: int) -> None:
+    def __init__(self, store: MemoryStore, *, max_frame_bytes: int, detach: bool = False) -> None:
         self._store = store
-        self._framer: SseFramer | NdjsonFramer | None = None
-        self._log: SessionLog | None = None
-        self._rerouted = False
-        self._tag = True
         self._max_frame_bytes = max_frame_bytes
+        self._writer: SessionWriter | None = None
+        self._rerouted = False
+        self.detach = detach  # the route asked for the detached path (see envoy/envoy.yaml)
 
     @property
     def session(self) -> SessionLog | None:
-        return self._log
+        return self._writer.log if self._writer is not None else None
 
     def handle(self, request: ProcessingRequest) -> ProcessingResponse | None:
         """Answer one message; None for messages that need no answer."""
@@ -115,12 +117,16 @@ class StreamProcessor:
         return None
 
     def on_request_headers(self, headers: HttpHeaders) -> ProcessingResponse:
-        # A request that names an event it already saw is answered from the log by the relay's
-        # HTTP front, never by a second upstream call: re-route it there.
-        if header_value(headers, LAST_EVENT_ID_HEADER) is None:
+        # A request naming an event it already saw is answered from the log, never by a second
+        # upstream call; on a detached route a POST (a generation) is made by the relay itself.
+        if header_value(headers, LAST_EVENT_ID_HEADER) is not None:
+            target = ROUTE_RESUME
+        elif self.detach and header_value(headers, ":method") == "POST":
+            target = ROUTE_DETACHED
+        else:
             return _CONTINUE_REQUEST
         self._rerouted = True
-        mutation = HeaderMutation(set_headers=[_set_header(ROUTE_HEADER, ROUTE_RESUME)])
+        mutation = HeaderMutation(set_headers=[_set_header(ROUTE_HEADER, target)])
         return ProcessingResponse(
             request_headers=HeadersResponse(
                 response=CommonResponse(header_mutation=mutation, clear_route_cache=True)
@@ -135,11 +141,10 @@ class StreamProcessor:
         framer = framer_for(content_type, max_frame_bytes=self._max_frame_bytes)
         if framer is None:
             return _CONTINUE_RESPONSE
-        self._framer = framer
-        self._tag = isinstance(framer, SseFramer)  # NDJSON lines cannot carry an id in-band
-        self._log = self._store.create(content_type=content_type, write_path=WritePath.INLINE)
+        log = self._store.create(content_type=content_type, write_path=WritePath.INLINE)
+        self._writer = SessionWriter(self._store, log, framer)
         mutation = HeaderMutation(
-            set_headers=[_set_header(SESSION_HEADER, self._log.session_id)],
+            set_headers=[_set_header(SESSION_HEADER, log.session_id)],
             remove_headers=["content-length"],
         )
         return ProcessingResponse(
@@ -148,52 +153,15 @@ class StreamProcessor:
         )
 
     def on_response_body(self, body: HttpBody) -> ProcessingResponse:
-        framer, log = self._framer, self._log
-        if framer is None or log is None:
+        writer = self._writer
+        if writer is None:
             return _PASS_BODY
-        try:
-            frames = framer.feed(body.body)
-        except FrameTooLarge as exc:
-            # Fail this session loudly; the client still gets the upstream's bytes untagged.
-            self._store.end(log, EndState.FAILED, f"event larger than {exc.limit} bytes")
-            self._framer = None
-            return _PASS_BODY
+        out = writer.feed(body.body)
         if body.end_of_stream:
-            tail = framer.close()
-            if tail is not None:
-                frames.append(tail)
-        out = self._emit(log, frames)
-        if body.end_of_stream:
-            torn = bool(frames) and not frames[-1].complete and frames[-1].is_event
-            if torn:
-                self.finish(EndState.FAILED, "upstream ended mid-event")
-            else:
-                self.finish(EndState.DONE)
+            out += writer.close()
         return _body(out)
 
     def finish(self, state: EndState, reason: str = "") -> None:
-        """End the session (if any and still open): called at end of stream or on disconnect."""
-        if self._log is not None:
-            self._store.end(self._log, state, reason)
-
-    def _emit(self, log: SessionLog, frames: list[Frame]) -> bytes:
-        if log.state is not EndState.OPEN or log.gone_reason:
-            return b"".join(frame.raw for frame in frames)
-        kept: list[bytes] = []
-        out: list[bytes] = []
-        seq = log.last_seq
-        for frame in frames:
-            if not (frame.is_event and frame.complete):
-                out.append(frame.raw)  # comments, retry-only blocks, a torn tail: untouched
-                continue
-            seq += 1
-            raw = (
-                tag_sse(frame.raw, format_event_id(log.session_id, seq)) if self._tag else frame.raw
-            )
-            kept.append(raw)
-            out.append(raw)
-        if kept and not self._store.append(log, kept):
-            # The log stopped keeping events (its byte limit): ids would not resume, so the
-            # client gets the upstream's bytes untagged from here on.
-            return b"".join(frame.raw for frame in frames)
-        return b"".join(out)
+        """End the session (if any and still open): called when the ext_proc stream goes away."""
+        if self._writer is not None:
+            self._store.end(self._writer.log, state, reason)

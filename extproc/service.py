@@ -13,7 +13,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_gr
 from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest, ProcessingResponse
 
 from extproc.log import EndState
-from extproc.processor import StreamProcessor
+from extproc.processor import WRITE_PATH_METADATA, StreamProcessor
 from extproc.store import MemoryStore
 
 
@@ -27,7 +27,13 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):  # type: ignor
         request_iterator: AsyncIterator[ProcessingRequest],
         context: grpc.aio.ServicerContext[ProcessingRequest, ProcessingResponse],
     ) -> AsyncIterator[ProcessingResponse]:
-        processor = StreamProcessor(self._store, max_frame_bytes=self._max_frame_bytes)
+        # Envoy's per-route ext_proc override names the route's write path in gRPC metadata.
+        metadata = dict(context.invocation_metadata() or ())
+        processor = StreamProcessor(
+            self._store,
+            max_frame_bytes=self._max_frame_bytes,
+            detach=metadata.get(WRITE_PATH_METADATA) == "detached",
+        )
         try:
             async for request in request_iterator:
                 response = processor.handle(request)

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -76,6 +77,7 @@ class StackOptions:
     listen_address: str = "127.0.0.1"
     upstream: str | None = None  # None: run the demo upstream
     demo_rate: float = 50.0
+    write_path: str = "detached"  # for generation routes: "detached" or "inline"
     relay_args: Sequence[str] = ()
     envoy_log_level: str = "warning"
 
@@ -91,6 +93,7 @@ class Stack:
     metrics_url: str = ""
     upstream_url: str = ""
     relay_http_url: str = ""
+    egress_url: str = ""
 
     def spawn(self, name: str, argv: list[str]) -> Child:
         log_path = self.workdir / f"{name}.log"
@@ -166,6 +169,13 @@ def _envoy_listener_port(admin_url: str) -> int | None:
     return None
 
 
+def _free_port() -> int:
+    """A port free right now, for the one listener the relay must know before Envoy starts."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 def _python_child(*args: str) -> list[str]:
     return [sys.executable, "-m", "extproc.cli", *args]
 
@@ -204,17 +214,16 @@ def _start(stack: Stack, options: StackOptions) -> None:
         stack.upstream_url = options.upstream
     upstream = Upstream.from_url(stack.upstream_url)
 
+    egress_port = _free_port()
+    stack.egress_url = f"http://127.0.0.1:{egress_port}"
     relay_ports_file = stack.workdir / "relay.ports"
     relay = stack.spawn(
         "relay",
         _python_child(
             "serve",
-            "--grpc-port",
-            "0",
-            "--http-port",
-            "0",
-            "--ports-file",
-            str(relay_ports_file),
+            *("--grpc-port", "0", "--http-port", "0"),
+            *("--egress-url", stack.egress_url),
+            *("--ports-file", str(relay_ports_file)),
             *options.relay_args,
         ),
     )
@@ -233,8 +242,10 @@ def _start(stack: Stack, options: StackOptions) -> None:
                 admin_port=options.admin_port,
                 relay_grpc_port=relay_ports["grpc_port"],
                 relay_http_port=relay_ports["http_port"],
+                egress_port=egress_port,
             ),
             upstream,
+            write_path=options.write_path,
         )
     )
     admin_path = stack.workdir / "envoy.admin"

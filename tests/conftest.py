@@ -15,17 +15,35 @@ FIXTURES = Path(__file__).parent / "fixtures"
 TEST_DEMO_RATE = 400.0  # events/s: fast enough for a quick suite, slow enough to be live
 
 
-def make_stack(tmp_path: Path, *, relay_args: tuple[str, ...] = ()) -> Stack:
-    return start_stack(
-        StackOptions(port=0, admin_port=0, demo_rate=TEST_DEMO_RATE, relay_args=relay_args),
-        workdir=tmp_path,
+def make_stack(
+    tmp_path: Path, *, write_path: str = "detached", relay_args: tuple[str, ...] = ()
+) -> Stack:
+    options = StackOptions(
+        port=0,
+        admin_port=0,
+        demo_rate=TEST_DEMO_RATE,
+        write_path=write_path,
+        relay_args=relay_args,
     )
+    return start_stack(options, workdir=tmp_path)
+
+
+@pytest.fixture(scope="session", params=["detached", "inline"])
+def stack(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    """One stack per write path, shared by the tests that do not break it: what holds for
+    clients holds on both paths."""
+    running = make_stack(
+        tmp_path_factory.mktemp(f"stack-{request.param}"), write_path=request.param
+    )
+    yield running
+    running.stop()
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """One stack shared by tests that do not break it."""
-    running = make_stack(tmp_path_factory.mktemp("stack"))
+def detached_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    running = make_stack(tmp_path_factory.mktemp("detached"), relay_args=("--detach-grace", "0.5"))
     yield running
     running.stop()
 

@@ -239,19 +239,11 @@ def test_relay_down_fails_open_untagged_then_recovers(own_stack: Stack) -> None:
 
     # A new relay node on the same ports, as an orchestrator restarting it would start one.
     bound = json.loads((own_stack.workdir / "relay.ports").read_text())
+    argv = ["serve", "--grpc-port", str(bound["grpc_port"]), "--http-port", str(bound["http_port"])]
     restarted = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "extproc.cli",
-            "serve",
-            "--grpc-port",
-            str(bound["grpc_port"]),
-            "--http-port",
-            str(bound["http_port"]),
-        ],
+        [sys.executable, "-m", "extproc.cli", *argv, "--egress-url", own_stack.egress_url],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=(own_stack.workdir / "relay-restarted.log").open("wb"),
         start_new_session=True,
     )
     try:

@@ -304,6 +304,7 @@ def test_megabyte_without_newline_raises_promptly(cls: type[Framer]) -> None:
             fed += len(chunk)
     assert err.value.limit == limit
     assert fed <= limit < fed + len(chunk)  # raised by the chunk that crossed the limit
+    assert len(err.value.rest) == fed + len(chunk)  # every byte held back is handed back
     with pytest.raises(FrameTooLarge):
         cls().feed(b"y" * (DEFAULT_MAX_FRAME_BYTES + 1))
 
@@ -316,6 +317,7 @@ def test_limit_applies_to_complete_frames_too(cls: type[Framer], end: bytes) -> 
     with pytest.raises(FrameTooLarge) as err:
         cls(max_frame_bytes=100).feed(small + b"data: " + b"z" * 100 + end + small)
     assert err.value.frames == [Frame(small, True)]  # frames before the oversized one survive
+    assert err.value.rest == b"data: " + b"z" * 100 + end + small  # and so does every byte
 
 
 # ---- round trip: encode random events, frame, read back, tag, re-frame ------------------------
@@ -386,6 +388,8 @@ def test_framer_for_content_types() -> None:
     assert isinstance(framer_for("application/jsonl; charset=UTF-8"), NdjsonFramer)
     for other in ("application/json-seq", "application/json", "text/plain", ""):
         assert framer_for(other) is None
+    with pytest.raises(ValueError):
+        framer_for("text/event-stream", max_frame_bytes=0)
     sse = framer_for("text/event-stream", max_frame_bytes=10)
     assert sse is not None
     with pytest.raises(FrameTooLarge):

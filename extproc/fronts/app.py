@@ -1,6 +1,7 @@
 """The relay node's HTTP server: the SSE front, health and Prometheus metrics.
 
-Only Envoy routes here (resumes, reader endpoints); operators scrape /metrics directly.
+Envoy routes clients here (resumes, detached generations, reader endpoints); the paths under
+/_relay/ are reached only through Envoy's re-routing. Operators scrape /metrics directly.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from extproc.detached import Generations
 from extproc.fronts import sse
 from extproc.store import MemoryStore
 
@@ -20,11 +22,16 @@ async def _metrics(request: web.Request) -> web.Response:
     return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def make_app(store: MemoryStore) -> web.Application:
+def make_app(store: MemoryStore, generations: Generations) -> web.Application:
     app = web.Application()
     app[sse.STORE_KEY] = store
+    app[sse.GENERATIONS_KEY] = generations
     app.router.add_get("/healthz", _health)
     app.router.add_get("/metrics", _metrics)
-    # Envoy re-routes resumes here, original path appended (e.g. /_relay/resume/v1/chat/...).
+    # Envoy re-routes here with the original path appended (e.g. /_relay/resume/v1/chat/...).
     app.router.add_route("*", "/_relay/resume/{tail:.*}", sse.resume)
+    app.router.add_route("*", "/_relay/detach/{tail:.*}", sse.detach)
+    app.router.add_get("/relay/v1/sessions/{session}", sse.session_info)
+    app.router.add_delete("/relay/v1/sessions/{session}", sse.cancel)
+    app.router.add_get("/relay/v1/sessions/{session}/events", sse.events)
     return app

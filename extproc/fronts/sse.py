@@ -1,61 +1,92 @@
-"""The SSE front: serves a session's events from the log over HTTP, history then live.
+"""The HTTP/SSE front: every way a client reads a session's log over plain HTTP.
 
-Used for resumes on the original endpoint (Envoy re-routes a request carrying
-`Last-Event-ID` here). Event bytes are written exactly as logged, so a client that joins the
-bytes it got before the id with these gets the uninterrupted stream. A session that did not
-end `done` is never passed off as complete: the response is cut (no final chunk), which
-every HTTP client reports as an incomplete body.
+- resume on the original endpoint (Envoy re-routes requests carrying `Last-Event-ID`),
+- the first client of a detached generation (it is just the first reader),
+- `GET /relay/v1/sessions/{id}/events`, EventSource-compatible, ending with `relay.end`,
+- `GET`/`DELETE /relay/v1/sessions/{id}`: state, and cancel.
+
+Bytes on the original endpoint are exactly the logged ones, so what a client got before the
+id plus what it gets here is the uninterrupted stream. A session that did not end `done` is
+never passed off as complete there: the response is cut, which every HTTP client reports.
 """
 
 from __future__ import annotations
 
+import json
+
+import aiohttp
 from aiohttp import web
 
-from extproc.errors import MalformedEventId, RelayError, SessionGone
-from extproc.ids import EventId, parse_event_id
+from extproc.detached import Generations
+from extproc.errors import MalformedEventId, RelayError, SessionConflict, SessionGone
+from extproc.ids import EventId, is_session_id, parse_event_id
 from extproc.log import Cursor, EndState, SessionLog
 from extproc.processor import LAST_EVENT_ID_HEADER, SESSION_HEADER
 from extproc.store import MemoryStore
 
 STORE_KEY = web.AppKey("store", MemoryStore)
+GENERATIONS_KEY = web.AppKey("generations", Generations)
+_HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "transfer-encoding", "content-length", "te", "trailer",
+     "upgrade", "proxy-connection"}
+)  # fmt: skip
 
 
 def error_response(error: RelayError) -> web.Response:
     """The one mapping from the error tree to HTTP for this front."""
     return web.Response(
-        status=error.http_status,
-        body=error.json_body(),
-        content_type="application/json",
+        status=error.http_status, body=error.json_body(), content_type="application/json"
     )
 
 
 def open_cursor(store: MemoryStore, event_id: EventId) -> Cursor:
+    """A cursor after `event_id`; the id must be one this session has already sent."""
     log = store.get(event_id.session)
     if event_id.seq > log.last_seq:
-        if log.state is EndState.OPEN:
+        if log.state is EndState.OPEN and not log.gone_reason:
             raise MalformedEventId(f"event {event_id} has not been sent yet")
         raise SessionGone(f"session {event_id.session} has no event {event_id.seq}")
     return Cursor(log, event_id.seq)
 
 
+def _session_from_path(request: web.Request) -> str:
+    session_id = request.match_info["session"]
+    if not is_session_id(session_id):
+        raise MalformedEventId("session ids are 22 URL-safe characters")
+    return session_id
+
+
+def reader_cursor(request: web.Request, session_id: str) -> Cursor:
+    """Where a reader starts: `Last-Event-ID` (an EventSource reconnecting), else `?after=`."""
+    text = request.headers.get(LAST_EVENT_ID_HEADER) or request.query.get("after")
+    event_id = parse_event_id(text) if text else EventId(session_id, 0)
+    if event_id.session != session_id:
+        raise MalformedEventId("the event id belongs to another session")
+    return open_cursor(request.app[STORE_KEY], event_id)
+
+
+def _stream_headers(log: SessionLog, content_type: str) -> dict[str, str]:
+    return {
+        "Content-Type": content_type,
+        "Cache-Control": "no-cache",
+        "X-Accel-Buffering": "no",
+        SESSION_HEADER: log.session_id,
+    }
+
+
 async def stream_cursor(request: web.Request, cursor: Cursor) -> web.StreamResponse:
-    """Write every event after the cursor, then follow the live tail until the log ends."""
-    log: SessionLog = cursor.log
-    response = web.StreamResponse(
-        status=200,
-        headers={
-            "Content-Type": log.content_type,
-            "Cache-Control": "no-cache",
-            SESSION_HEADER: log.session_id,
-        },
-    )
-    await response.prepare(request)
-    try:
-        async for batch in cursor.batches():
-            await response.write(b"".join(batch))  # drains: the socket's pace is the reader's
-    except SessionGone as exc:
-        await _cut(request, response, f"session gone: {exc.message}")
-        return response
+    """Original-endpoint semantics: the logged bytes, history then live, as the upstream sent."""
+    log = cursor.log
+    generations = request.app[GENERATIONS_KEY]
+    with generations.reading(log):
+        response = web.StreamResponse(headers=_stream_headers(log, log.content_type))
+        await response.prepare(request)
+        try:
+            async for batch in cursor.batches():
+                await response.write(b"".join(batch))  # drains: the reader sets the pace
+        except SessionGone as exc:
+            await _cut(request, response, f"session gone: {exc.message}")
+            return response
     if log.state is not EndState.DONE:
         await _cut(request, response, f"session {log.state.value}: {log.reason or 'no reason'}")
         return response
@@ -64,23 +95,137 @@ async def stream_cursor(request: web.Request, cursor: Cursor) -> web.StreamRespo
 
 
 async def _cut(request: web.Request, response: web.StreamResponse, why: str) -> None:
-    # An SSE comment says why for humans; closing without the final chunk tells clients.
-    if log_is_sse(response):
+    # An SSE comment tells a human why; closing without the final chunk tells the client.
+    if (response.content_type or "").startswith("text/event-stream"):
         await response.write(f": relay: {why}\n\n".encode())
     if request.transport is not None:
         request.transport.close()
 
 
-def log_is_sse(response: web.StreamResponse) -> bool:
-    return (response.content_type or "").startswith("text/event-stream")
-
-
 async def resume(request: web.Request) -> web.StreamResponse:
-    """Answer a repeated request that carries `Last-Event-ID` from the log."""
-    store: MemoryStore = request.app[STORE_KEY]
+    """A repeated request that carries `Last-Event-ID`: answered from the log."""
     try:
         event_id = parse_event_id(request.headers.get(LAST_EVENT_ID_HEADER, ""))
-        cursor = open_cursor(store, event_id)
+        cursor = open_cursor(request.app[STORE_KEY], event_id)
+        return await stream_cursor(request, cursor)
     except RelayError as error:
         return error_response(error)
-    return await stream_cursor(request, cursor)
+
+
+async def detach(request: web.Request) -> web.StreamResponse:
+    """A generation request on a detached route: call upstream, log it, serve it as a reader."""
+    generations = request.app[GENERATIONS_KEY]
+    try:
+        upstream = await generations.open(request, request.match_info["tail"])
+    except RelayError as error:
+        return error_response(error)
+    except (aiohttp.ClientError, OSError) as exc:
+        body = json.dumps(
+            {
+                "error": {
+                    "message": f"upstream unreachable: {exc!r}",
+                    "type": "relay_error",
+                    "code": "upstream_unreachable",
+                }
+            }
+        )
+        return web.Response(status=502, text=body, content_type="application/json")
+    session = generations.start(upstream)
+    if session is None:
+        return await _pass_through(request, upstream)
+    try:
+        return await stream_cursor(request, Cursor(session, 0))
+    except RelayError as error:  # e.g. the reader limit, if the limit is 0 readers
+        return error_response(error)
+
+
+async def _pass_through(
+    request: web.Request, upstream: aiohttp.ClientResponse
+) -> web.StreamResponse:
+    """Not an event stream (JSON, an error, binary): relay status, headers and bytes as-is."""
+    headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_BY_HOP}
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+    try:
+        await response.prepare(request)
+        async for chunk in upstream.content.iter_any():
+            await response.write(chunk)
+        await response.write_eof()
+    finally:
+        upstream.close()
+    return response
+
+
+def _sse_event(log: SessionLog, seq: int, raw: bytes) -> bytes:
+    """An event as the reader endpoint sends it: SSE sessions as logged; NDJSON lines wrapped."""
+    if log.content_type.startswith("text/event-stream"):
+        return raw
+    data = raw.rstrip(b"\r\n").replace(b"\r", b"")
+    return b"id: %s:%d\ndata: %s\n\n" % (log.session_id.encode(), seq, data)
+
+
+def end_event(log: SessionLog) -> bytes:
+    """The last thing a reader sees: how the session ended. It has no id, so an EventSource
+    that reconnects still resumes after the last real event (and then gets 204)."""
+    payload = json.dumps({"state": log.state.value, "reason": log.reason, "last_seq": log.last_seq})
+    return f"event: relay.end\ndata: {payload}\n\n".encode()
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    """GET /relay/v1/sessions/{id}/events — SSE for EventSource and any SSE client."""
+    try:
+        cursor = reader_cursor(request, _session_from_path(request))
+        log = cursor.log
+        if log.state is not EndState.OPEN and cursor.seq >= log.last_seq:
+            return web.Response(status=204)  # nothing left: tells EventSource to stop
+        with request.app[GENERATIONS_KEY].reading(log):
+            response = web.StreamResponse(headers=_stream_headers(log, "text/event-stream"))
+            await response.prepare(request)
+            try:
+                async for batch in cursor.batches():
+                    first = cursor.seq - len(batch) + 1
+                    out = b"".join(_sse_event(log, first + i, raw) for i, raw in enumerate(batch))
+                    await response.write(out)
+            except SessionGone as exc:
+                await _cut(request, response, f"session gone: {exc.message}")
+                return response
+            await response.write(end_event(log))
+            await response.write_eof()
+            return response
+    except RelayError as error:
+        return error_response(error)
+
+
+def session_json(log: SessionLog, generations: Generations) -> dict[str, object]:
+    return {
+        "session": log.session_id,
+        "state": log.state.value,
+        "reason": log.reason,
+        "last_seq": log.last_seq,
+        "write_path": log.write_path.value,
+        "content_type": log.content_type,
+        "readers": generations.readers(log.session_id),
+    }
+
+
+async def session_info(request: web.Request) -> web.Response:
+    try:
+        log = request.app[STORE_KEY].get(_session_from_path(request))
+    except RelayError as error:
+        return error_response(error)
+    return web.json_response(session_json(log, request.app[GENERATIONS_KEY]))
+
+
+async def cancel(request: web.Request) -> web.Response:
+    """DELETE /relay/v1/sessions/{id}: stop a detached generation now."""
+    generations = request.app[GENERATIONS_KEY]
+    try:
+        log = request.app[STORE_KEY].get(_session_from_path(request))
+        if log.state is not EndState.OPEN:
+            raise SessionConflict(f"session already ended {log.state.value}")
+        if not generations.cancel(log.session_id, "cancelled by owner"):
+            raise SessionConflict("an inline session ends with its client's connection")
+    except RelayError as error:
+        return error_response(error)
+    while log.state is EndState.OPEN:  # the generation task records the end promptly
+        await log.wait_beyond(log.last_seq)
+    return web.json_response(session_json(log, generations), status=200)

@@ -1,0 +1,208 @@
+"""The detached write path: the relay makes the upstream call itself and writes the log.
+
+Envoy re-routes a generation request here; the relay sends it back out through Envoy's
+egress listener (so Envoy keeps load balancing, retries, TLS and upstream stats) and every
+client, the first one included, reads the log as a cursor. A client that drops does not stop
+the generation: it runs while a reader is attached and for `grace_s` after the last one
+leaves, then the upstream request is cancelled and the log ends `cancelled`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from extproc.errors import ConfigError, LimitExceeded
+from extproc.framing import framer_for
+from extproc.log import EndState, SessionLog, WritePath
+from extproc.store import MemoryStore
+from extproc.writer import SessionWriter
+
+log = logging.getLogger("stream_relay.detached")
+
+DEFAULT_GRACE_S = 30.0
+DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024
+DEFAULT_MAX_READERS_PER_SESSION = 1000
+# Hop-by-hop headers (RFC 9110 §7.6.1) and ones the relay or Envoy owns: never forwarded.
+_NOT_FORWARDED = frozenset(
+    {
+        "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
+        "upgrade", "host", "content-length", "accept-encoding", "last-event-id",
+    }
+)  # fmt: skip
+
+
+@dataclass(frozen=True, kw_only=True)
+class DetachSettings:
+    egress_url: str = ""  # Envoy's egress listener, e.g. http://127.0.0.1:10001; "" = disabled
+    grace_s: float = DEFAULT_GRACE_S  # generation outlives its last reader by this long
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # a generation request body, at most
+    max_readers_per_session: int = DEFAULT_MAX_READERS_PER_SESSION
+
+    def __post_init__(self) -> None:
+        if self.grace_s < 0:
+            raise ConfigError(f"detach grace must be >= 0 seconds, got {self.grace_s}")
+        if self.max_request_bytes < 1024:
+            raise ConfigError(f"max request bytes must be >= 1024, got {self.max_request_bytes}")
+        if self.max_readers_per_session < 1:
+            raise ConfigError(
+                f"max readers per session must be >= 1, got {self.max_readers_per_session}"
+            )
+
+
+class Generation:
+    """One upstream call that the relay makes and owns."""
+
+    __slots__ = ("grace_timer", "log", "task")
+
+    def __init__(self, log: SessionLog, task: asyncio.Task[None]) -> None:
+        self.log = log
+        self.task = task
+        self.grace_timer: asyncio.TimerHandle | None = None
+
+
+class Generations:
+    """Running detached generations and the readers attached to every session."""
+
+    def __init__(
+        self,
+        store: MemoryStore,
+        settings: DetachSettings,
+        *,
+        max_frame_bytes: int,
+    ) -> None:
+        self._store = store
+        self.settings = settings
+        self._max_frame_bytes = max_frame_bytes
+        self._running: dict[str, Generation] = {}
+        self._readers: dict[str, int] = {}
+        self._http: aiohttp.ClientSession | None = None
+
+    def readers(self, session_id: str) -> int:
+        return self._readers.get(session_id, 0)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    async def close(self) -> None:
+        """Shutdown: cancel every generation (their logs end `cancelled`)."""
+        for generation in list(self._running.values()):
+            generation.task.cancel("relay node shutting down")
+        await asyncio.gather(*(g.task for g in self._running.values()), return_exceptions=True)
+        if self._http is not None:
+            await self._http.close()
+
+    @contextlib.contextmanager
+    def reading(self, session: SessionLog) -> Iterator[None]:
+        """Count a reader on a session for as long as it reads; enforces the reader limit."""
+        session_id = session.session_id
+        count = self._readers.get(session_id, 0)
+        if count >= self.settings.max_readers_per_session:
+            raise LimitExceeded(
+                f"session already has {count} readers "
+                f"(limit {self.settings.max_readers_per_session})"
+            )
+        self._readers[session_id] = count + 1
+        generation = self._running.get(session_id)
+        if generation is not None and generation.grace_timer is not None:
+            generation.grace_timer.cancel()
+            generation.grace_timer = None
+        try:
+            yield
+        finally:
+            left = self._readers[session_id] - 1
+            if left:
+                self._readers[session_id] = left
+            else:
+                del self._readers[session_id]
+                self._last_reader_left(session_id)
+
+    def cancel(self, session_id: str, reason: str) -> bool:
+        """Stop a running generation; False if none runs for this session."""
+        generation = self._running.get(session_id)
+        if generation is None:
+            return False
+        generation.task.cancel(reason)
+        return True
+
+    def _last_reader_left(self, session_id: str) -> None:
+        generation = self._running.get(session_id)
+        if generation is None:
+            return
+        loop = asyncio.get_running_loop()
+        generation.grace_timer = loop.call_later(
+            self.settings.grace_s,
+            self.cancel,
+            session_id,
+            f"no reader for {self.settings.grace_s:g}s",
+        )
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._http is None:
+            self._http = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+                auto_decompress=False,
+            )
+        return self._http
+
+    async def open(self, request: web.Request, path: str) -> aiohttp.ClientResponse:
+        """Send the client's request upstream through Envoy's egress; return its response."""
+        if not self.settings.egress_url:
+            raise web.HTTPServiceUnavailable(reason="detached path not configured")
+        body = await request.content.read(self.settings.max_request_bytes + 1)
+        if len(body) > self.settings.max_request_bytes:
+            raise LimitExceeded(f"request body larger than {self.settings.max_request_bytes} bytes")
+        headers = CIMultiDict(
+            (k, v)
+            for k, v in request.headers.items()
+            if k.lower() not in _NOT_FORWARDED
+            and not k.lower().startswith(("x-relay-", "x-envoy-"))
+        )
+        headers["Accept-Encoding"] = "identity"  # the framer needs the bytes as sent
+        url = self.settings.egress_url.rstrip("/") + "/" + path
+        return await self._client().request(
+            request.method,
+            url,
+            params=request.query,
+            data=body,
+            headers=headers,
+        )
+
+    def start(self, response: aiohttp.ClientResponse) -> SessionLog | None:
+        """If the upstream answered with an event stream, log it in the background."""
+        content_type = response.headers.get("Content-Type", "")
+        framer = framer_for(content_type, max_frame_bytes=self._max_frame_bytes)
+        if response.status != 200 or framer is None:
+            return None
+        session = self._store.create(content_type=content_type, write_path=WritePath.DETACHED)
+        writer = SessionWriter(self._store, session, framer)
+        task = asyncio.create_task(self._produce(writer, response))
+        self._running[session.session_id] = Generation(session, task)
+        task.add_done_callback(lambda _: self._finished(session.session_id))
+        return session
+
+    def _finished(self, session_id: str) -> None:
+        generation = self._running.pop(session_id, None)
+        if generation is not None and generation.grace_timer is not None:
+            generation.grace_timer.cancel()
+
+    async def _produce(self, writer: SessionWriter, response: aiohttp.ClientResponse) -> None:
+        try:
+            async for chunk in response.content.iter_any():
+                writer.feed(chunk)
+            writer.close()
+        except asyncio.CancelledError as exc:
+            self._store.end(writer.log, EndState.CANCELLED, str(exc.args[0]) if exc.args else "")
+        except (aiohttp.ClientError, OSError) as exc:
+            self._store.end(writer.log, EndState.FAILED, f"upstream connection lost: {exc!r}")
+        finally:
+            response.close()

@@ -1,0 +1,75 @@
+"""SessionWriter: turns upstream bytes into logged, tagged events; shared by both write paths.
+
+Inline (ext_proc) forwards what `feed` returns to the client; detached ignores it and lets the
+client read the log like every other reader. Either way the log holds each event exactly as
+clients receive it, so replayed bytes equal live bytes.
+"""
+
+from __future__ import annotations
+
+from extproc.framing import Frame, FrameTooLarge, NdjsonFramer, SseFramer, tag_sse
+from extproc.ids import format_event_id
+from extproc.log import EndState, SessionLog
+from extproc.store import MemoryStore
+
+
+class SessionWriter:
+    __slots__ = ("_framer", "_store", "_tag", "log")
+
+    def __init__(self, store: MemoryStore, log: SessionLog, framer: SseFramer | NdjsonFramer):
+        self._store = store
+        self.log = log
+        self._framer: SseFramer | NdjsonFramer | None = framer
+        self._tag = isinstance(framer, SseFramer)  # NDJSON lines cannot carry an id in-band
+
+    def feed(self, data: bytes) -> bytes:
+        """Frame a chunk; return the bytes the client should get for it (events tagged)."""
+        framer = self._framer
+        if framer is None:
+            return data
+        try:
+            frames = framer.feed(data)
+        except FrameTooLarge as exc:
+            # Fail this session loudly; the client still gets every byte, the rest untagged.
+            self._framer = None
+            out = self._emit(exc.frames) + exc.rest
+            self._store.end(self.log, EndState.FAILED, f"event larger than {exc.limit} bytes")
+            return out
+        return self._emit(frames)
+
+    def close(self) -> bytes:
+        """The upstream ended: flush what is left and end the session done (or failed if torn)."""
+        framer, self._framer = self._framer, None
+        tail = framer.close() if framer is not None else None
+        if tail is None:
+            self._store.end(self.log, EndState.DONE)
+            return b""
+        out = self._emit([tail])
+        if not tail.complete and tail.is_event:
+            self._store.end(self.log, EndState.FAILED, "upstream ended mid-event")
+        else:
+            self._store.end(self.log, EndState.DONE)
+        return out
+
+    def _emit(self, frames: list[Frame]) -> bytes:
+        log = self.log
+        if log.state is not EndState.OPEN or log.gone_reason:
+            return b"".join(frame.raw for frame in frames)
+        kept: list[bytes] = []
+        out: list[bytes] = []
+        seq = log.last_seq
+        for frame in frames:
+            if not (frame.is_event and frame.complete):
+                out.append(frame.raw)  # comments, retry-only blocks, a torn tail: untouched
+                continue
+            seq += 1
+            raw = frame.raw
+            if self._tag:
+                raw = tag_sse(raw, format_event_id(log.session_id, seq))
+            kept.append(raw)
+            out.append(raw)
+        if kept and not self._store.append(log, kept):
+            # The log stopped keeping events (its byte limit): ids would not resume, so the
+            # client gets the upstream's bytes untagged from here on.
+            return b"".join(frame.raw for frame in frames)
+        return b"".join(out)
