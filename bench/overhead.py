@@ -18,11 +18,11 @@ import math
 import os
 import re
 import resource
+import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from tempfile import mkdtemp
@@ -36,7 +36,7 @@ from extproc.supervisor import Stack, StackOptions, start_stack
 
 ROUTES = {"plain": "/plain/v1/chat/completions", "relay": "/v1/chat/completions"}
 PROCESSES = ("envoy", "relay", "demo-upstream")  # Stack child names; plus "loadgen" (us)
-LOADGEN_CORE_WARN = 0.8
+Row = dict[str, Any]
 REQUEST = {"model": "bench", "messages": [{"role": "user", "content": "hi"}], "stream": True}
 PLAIN_ROUTE = """\
 - name: bench_plain
@@ -67,27 +67,19 @@ def install_plain_route() -> None:
     supervisor.render = render  # type: ignore[attr-defined]
 
 
-def wait_for(what: str, probe: Callable[[], Any], timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if value := probe():
-                return value
-        except (OSError, ValueError):
-            pass  # not up yet
-        time.sleep(0.05)
-    raise RuntimeError(f"bench: timed out waiting for {what}")
-
-
-def start_upstream(rate: float) -> Stack:
+def start_upstream(rate: float, workdir: Path) -> Stack:
     """The demo upstream with --timestamps, as a one-child Stack (log file, stop())."""
-    stack = Stack(Path(mkdtemp(prefix="bench-upstream-")))
+    stack = Stack(workdir)
     ports = stack.workdir / "upstream.ports"
-    argv = ["demo-upstream", "--port", "0", "--rate", str(rate), "--timestamps"]
-    argv += ["--ports-file", str(ports)]
-    stack.spawn("demo-upstream", [sys.executable, "-m", "extproc.cli", *argv])
-    port = wait_for("the demo upstream's port", lambda: json.loads(ports.read_text())["http_port"])
-    stack.upstream_url = f"http://127.0.0.1:{port}"  # it writes the file once listening
+    argv = ["demo-upstream", "--port", "0", "--rate", str(rate), "--timestamps", "--ports-file"]
+    child = stack.spawn("demo-upstream", [sys.executable, "-m", "extproc.cli", *argv, str(ports)])
+    deadline = time.monotonic() + 30
+    while not ports.is_file():  # written atomically once it listens
+        if child.process.poll() is not None or time.monotonic() > deadline:
+            stack.stop()
+            raise RuntimeError(f"bench: the demo upstream did not start:\n{child.tail()}")
+        time.sleep(0.05)
+    stack.upstream_url = f"http://127.0.0.1:{json.loads(ports.read_text())['http_port']}"
     return stack
 
 
@@ -124,7 +116,7 @@ class Phase:
     wall_s: float = 0.0
     cpu_s: dict[str, float] = field(default_factory=dict)
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> Row:
         lat, us = sorted(self.latencies_ms), 1e6 / max(self.events, 1)
         pct = {f"{n}_ms": lat[min(len(lat) - 1, int(q * len(lat)))] if lat else math.nan
                for n, q in (("p50", 0.5), ("p99", 0.99), ("max", 1.0))}  # fmt: skip
@@ -163,12 +155,9 @@ async def one_request(
 async def stream_worker(
     http: aiohttp.ClientSession, url: str, args: argparse.Namespace, i: int, end: float, ph: Phase
 ) -> None:
-    """Client i: back-to-back streamed requests until `end` (monotonic)."""
+    """Client i: back-to-back requests (role chunk, tokens, finish chunk) ending by `end`."""
     await asyncio.sleep(i / args.streams / args.rate)  # spread over one interval: no lockstep
-    while (left := end - time.monotonic()) > 0:
-        tokens = min(args.tokens, math.ceil(left * args.rate) - 2)  # +2: role, finish chunks
-        if tokens < 1:
-            break
+    while (tokens := min(args.tokens, math.ceil((end - time.monotonic()) * args.rate) - 2)) > 0:
         try:
             await one_request(http, url, args.rate, tokens, ph)
         except (TimeoutError, aiohttp.ClientError) as exc:
@@ -183,8 +172,7 @@ async def run_load(
     timeout = aiohttp.ClientTimeout(total=None, sock_read=30)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
         before, t0 = cpu_snapshot(pids), time.monotonic()
-        end = t0 + seconds
-        await asyncio.gather(*(stream_worker(http, url, args, i, end, phase)
+        await asyncio.gather(*(stream_worker(http, url, args, i, t0 + seconds, phase)
                                for i in range(args.streams)))  # fmt: skip
         phase.wall_s, after = time.monotonic() - t0, cpu_snapshot(pids)
     phase.cpu_s = {name: after[name] - before[name] for name in after}
@@ -201,14 +189,11 @@ async def check_routes(base_url: str) -> None:
             raise RuntimeError(f"bench: route {route} misbehaves: {phase}")
 
 
-async def measure(
-    base_url: str, args: argparse.Namespace, pids: dict[str, int]
-) -> list[dict[str, Any]]:
+async def measure(base_url: str, args: argparse.Namespace, pids: dict[str, int]) -> list[Row]:
     await check_routes(base_url)
     rows = []
     for route in ROUTES:
-        if args.warmup > 0:
-            await run_load(base_url, route, args, args.warmup, pids)
+        await run_load(base_url, route, args, args.warmup, pids)  # warm-up, not recorded
         phase = await run_load(base_url, route, args, args.duration, pids)
         for error in sorted(set(phase.errors))[:5]:
             print(f"  {route}: {error}", file=sys.stderr)
@@ -216,7 +201,7 @@ async def measure(
     return rows
 
 
-def machine() -> dict[str, Any]:
+def machine() -> Row:
     model = re.search(r"^model name\s*:\s*(.*)$", Path("/proc/cpuinfo").read_text(), re.M)
     cmd = [supervisor.envoy_binary(), "--version"]
     envoy = re.search(r"version: \S+?/([\d.]+)", subprocess.run(cmd, capture_output=True,
@@ -225,13 +210,14 @@ def machine() -> dict[str, Any]:
             "python": sys.version.split()[0], "envoy": envoy[1] if envoy else "?"}  # fmt: skip
 
 
-def report(args: argparse.Namespace, host: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+def report(args: argparse.Namespace, host: Row, rows: list[Row]) -> str:
     procs = (*PROCESSES, "loadgen")
     out = [
         f"machine: {host['cores']} cores, {host['cpu']}; Python {host['python']}, "
         f"Envoy {host['envoy']}",
         f"load: {args.streams} streams x {args.rate:g} ev/s = {args.streams * args.rate:g} "
-        f"ev/s offered, {args.duration:g} s per route (after {args.warmup:g} s warm-up)",
+        f"ev/s offered, {args.duration:g} s per route (after {args.warmup:g} s warm-up); "
+        f"relay write path: {args.write_path}",
         "",
         "| route | ev/s | p50 ms | p99 ms | max ms | tagged | errors | "
         + " | ".join(f"{p} µs/ev" for p in procs) + " | loadgen core |",
@@ -246,14 +232,11 @@ def report(args: argparse.Namespace, host: dict[str, Any], rows: list[dict[str, 
         )
     plain, relay = rows
     cpu = sum(relay["cpu_us_per_event"][p] - plain["cpu_us_per_event"][p] for p in PROCESSES)
-    out += [
-        "",
-        f"added by the relay: latency p50 {relay['p50_ms'] - plain['p50_ms']:+.2f} ms, "
-        f"p99 {relay['p99_ms'] - plain['p99_ms']:+.2f} ms; CPU {cpu:+.1f} µs/event "
-        f"(envoy + relay + upstream)",
-    ]
+    out.append(f"\nadded by the relay: latency p50 {relay['p50_ms'] - plain['p50_ms']:+.2f} ms, "
+               f"p99 {relay['p99_ms'] - plain['p99_ms']:+.2f} ms; CPU {cpu:+.1f} µs/event "
+               "(envoy + relay + upstream)")  # fmt: skip
     for r in rows:
-        if r["loadgen_core"] > LOADGEN_CORE_WARN:
+        if r["loadgen_core"] > 0.8:
             out.append(f"WARNING: the load generator used {r['loadgen_core']:.0%} of a core on "
                        f"{r['route']}: it may be the bottleneck, not the stack")  # fmt: skip
         if r["errors"]:
@@ -267,8 +250,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rate", type=float, default=100.0, help="events/s per stream (100)")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per route (10)")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds first (2)")
-    tokens_help = f"max tokens per request; a stream repeats requests ({MAX_TOKENS_CAP})"
-    parser.add_argument("--tokens", type=int, default=MAX_TOKENS_CAP, help=tokens_help)
+    parser.add_argument("--tokens", type=int, default=MAX_TOKENS_CAP, help="max per request")
+    parser.add_argument("--write-path", choices=envoy_config.WRITE_PATHS, default="detached")
     parser.add_argument("--quick", action="store_true", help="20 streams, 4 s, 1 s warm-up")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write results here")
     args = parser.parse_args(argv)
@@ -285,10 +268,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the finally below runs
     install_plain_route()
     stacks: list[Stack] = []  # stopped in reverse start order
+    workdir, ok = Path(mkdtemp(prefix="bench-overhead-")), False  # logs, envoy.yaml
     try:
-        stacks.append(start_upstream(args.rate))
+        stacks.append(start_upstream(args.rate, workdir))
         options = StackOptions(upstream=stacks[0].upstream_url, port=0, admin_port=0)
-        stacks.append(start_stack(options))
+        options.write_path = args.write_path
+        stacks.append(start_stack(options, workdir))
         pids = {c.name: c.process.pid for s in stacks for c in s.children}
         rows = asyncio.run(measure(stacks[1].base_url, args, pids))
         host = machine()
@@ -297,12 +282,16 @@ def main(argv: list[str] | None = None) -> int:
             params = {k: v for k, v in vars(args).items() if k != "json"}
             result = {"machine": host, "params": params, "routes": rows}
             args.json.write_text(json.dumps(result, indent=2) + "\n")
+        ok = True
     except KeyboardInterrupt:
         print("bench: interrupted", file=sys.stderr)
         return 130
     finally:
         for stack in reversed(stacks):
             stack.stop()
+        if not ok:
+            print(f"bench: logs and envoy.yaml kept in {workdir}", file=sys.stderr)
+    shutil.rmtree(workdir)
     return 0
 
 

@@ -135,7 +135,8 @@ class StreamProcessor:
         )
 
     def on_response_headers(self, headers: HttpHeaders) -> ProcessingResponse:
-        if self._rerouted or header_value(headers, ":status") != "200":
+        # No body to come (HEAD, an empty 200): nothing to log, so no session to promise.
+        if self._rerouted or headers.end_of_stream or header_value(headers, ":status") != "200":
             return _CONTINUE_RESPONSE
         content_type = header_value(headers, "content-type") or ""
         framer = framer_for(content_type, max_frame_bytes=self._max_frame_bytes)

@@ -70,6 +70,8 @@ def test_overlong_input_is_refused_before_matching() -> None:
         f"{SESSION}:{MAX_SEQ + 1}",
         f"{SESSION}:\u0661",  # ARABIC-INDIC DIGIT ONE: int() would accept it
         f"{SESSION}:\uff11",  # FULLWIDTH DIGIT ONE
+        f"{SESSION}:1\u0661",
+        f"{SESSION[:-1]}\u00e9:1",
         f"{SESSION[:-1]}:1",
         f"{SESSION}A:1",
         f"{SESSION[:-1]}+:1",  # standard base64, not URL-safe
@@ -131,7 +133,8 @@ def test_session_ids_are_unique_and_22_url_safe_chars() -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["", SESSION[:-1], SESSION + "A", SESSION[:-1] + "+", SESSION[:-1] + "=", f"{SESSION}\n"]
+    "text",
+    ["", SESSION[:-1], SESSION + "A", SESSION[:-1] + "+", SESSION[:-1] + "=", f"{SESSION}\n"],
 )
 def test_is_session_id_rejects_other_shapes(text: str) -> None:
     assert not is_session_id(text)

@@ -179,10 +179,11 @@ def test_per_session_limit_fails_the_session() -> None:
     store = small_store(max_log_bytes=4096)
     log = new_session(store)
     other = new_session(store)
-    event = b"e" * 1000
-    room = (4096 - LOG_OVERHEAD_BYTES) // (len(event) + EVENT_OVERHEAD_BYTES)
+    room = 4
+    event = b"e" * ((4096 - LOG_OVERHEAD_BYTES) // room - EVENT_OVERHEAD_BYTES)  # fills exactly
     for _ in range(room):
         assert store.append(log, [event])
+    assert log.nbytes == 4096 and log.state is EndState.OPEN  # exactly at the limit is allowed
     assert not store.append(log, [event])
     assert (log.state, log.reason) == (EndState.FAILED, "log_limit_exceeded")
     assert log.last_seq == room  # what was kept stays readable: nothing silently trimmed
@@ -217,8 +218,8 @@ def test_append_after_end_or_drop_returns_false() -> None:
 @pytest.mark.parametrize(
     "limits",
     [
-        {"max_bytes": MIB - 1},
-        {"max_bytes": 0},
+        {"max_bytes": MIB - 1, "max_log_bytes": 1024},  # each case breaks exactly one rule
+        {"max_bytes": 0, "max_log_bytes": 0},
         {"max_bytes": MIB, "max_log_bytes": MIB + 1},
         {"max_log_bytes": 1023},
         {"max_log_bytes": -1},

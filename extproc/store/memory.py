@@ -7,6 +7,7 @@ tombstone so that its readers get 410 Gone, not 404: lost history is said out lo
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -34,12 +35,15 @@ class StoreLimits:
     def __post_init__(self) -> None:
         if self.max_bytes < 1024 * 1024:
             raise ConfigError(f"store max bytes must be at least 1 MiB, got {self.max_bytes}")
+        if self.max_log_bytes == DEFAULT_MAX_LOG_BYTES and self.max_bytes < DEFAULT_MAX_LOG_BYTES:
+            # A small store with the default session bound: one session may fill the store.
+            object.__setattr__(self, "max_log_bytes", self.max_bytes)
         if not 1024 <= self.max_log_bytes <= self.max_bytes:
             raise ConfigError(
                 f"max log bytes must be between 1 KiB and the store size, got {self.max_log_bytes}"
             )
-        if self.ended_ttl_s <= 0:
-            raise ConfigError(f"session TTL must be positive, got {self.ended_ttl_s}")
+        if not 0 < self.ended_ttl_s < math.inf:  # NaN would never expire anything
+            raise ConfigError(f"session TTL must be positive and finite, got {self.ended_ttl_s}")
         if self.tombstones < 0:
             raise ConfigError(f"tombstones must be >= 0, got {self.tombstones}")
 
@@ -110,7 +114,7 @@ class MemoryStore:
             return False
         for raw in events:
             log.append(raw)
-        if log.session_id in self._logs:
+        if self._logs.get(log.session_id) is log:  # a touch first: this append is its latest use
             self._logs[log.session_id] = log  # re-set so the cache re-counts its size
             if log.gone_reason:  # the cache made room by evicting this very log
                 self._logs.pop(log.session_id, None)

@@ -1,0 +1,508 @@
+"""Tests for extproc.processor (layer 2): a StreamProcessor driven by real ext_proc
+ProcessingRequest messages, as Envoy sends them, with the replies decoded as Envoy would.
+
+Expected bodies come from a small reference tagger below that works on the whole input by the
+WHATWG block rules, so the processor's incremental framing is checked against an independent
+reading of the same bytes, whatever the chunk split."""
+
+from __future__ import annotations
+
+import itertools
+import re
+from pathlib import Path
+
+import pytest
+from envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue, HeaderValueOption
+from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
+from envoy.service.ext_proc.v3.external_processor_pb2 import (
+    HeadersResponse,
+    HttpBody,
+    HttpHeaders,
+    HttpTrailers,
+    ProcessingRequest,
+    ProcessingResponse,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from extproc.log import EVENT_OVERHEAD_BYTES, LOG_OVERHEAD_BYTES, EndState, SessionLog
+from extproc.processor import StreamProcessor
+from extproc.store import MemoryStore, StoreLimits
+
+FIXTURES = Path(__file__).parent / "fixtures"
+MAX_FRAME_BYTES = 1 << 20
+ALL_EVENTS = 1 << 20
+SSE = "text/event-stream"
+
+# fixture -> data events, from tests/fixtures/README.md
+SSE_FIXTURES = {
+    "openai-chat-usage.sse": 13,
+    "openai-tool-calls.sse": 6,
+    "anthropic-messages.sse": 10,
+    "openai-responses.sse": 7,
+    "crlf-comments-multiline.sse": 3,
+    "openai-error-midstream.sse": 2,
+    "truncated-last-event.sse": 3,  # the unterminated 4th is not an event we can tag
+}
+# Inline streams for what the fixtures lack: upstream ids, bare CR line ends, odd blocks.
+UPSTREAM_IDS = (
+    b"id: up-1\ndata: a\n\n"
+    b"event: named\nid\ndata: b\nid: up-3\n\n"
+    b": comment\n\n"
+    b"id: only-an-id\n\n"
+    b"\n"
+    b"data\n\n"
+)
+CR_ONLY = b"data: one\r\rretry: 10\r\rdata: two\rid: up-2\rdata: more\r\r"
+
+
+def load(name: str) -> bytes:
+    return (FIXTURES / name).read_bytes()
+
+
+SSE_INPUTS = {name: load(name) for name in SSE_FIXTURES} | {
+    "upstream-ids": UPSTREAM_IDS,
+    "cr-only": CR_ONLY,
+}
+
+
+# --- messages in and out -------------------------------------------------------------------
+
+
+def http_headers(pairs: dict[str, str]) -> HttpHeaders:
+    """Headers as Envoy sends them: lower-case keys, values in raw_value bytes."""
+    values = [HeaderValue(key=key, raw_value=value.encode()) for key, value in pairs.items()]
+    return HttpHeaders(headers=HeaderMap(headers=values))
+
+
+def request_headers(pairs: dict[str, str]) -> ProcessingRequest:
+    base = {":method": "POST", ":path": "/v1/chat/completions", ":authority": "relay"}
+    return ProcessingRequest(request_headers=http_headers(base | pairs))
+
+
+def response_headers(status: int, content_type: str | None) -> ProcessingRequest:
+    pairs = {":status": str(status), "content-length": "123"}
+    if content_type is not None:
+        pairs["content-type"] = content_type
+    return ProcessingRequest(response_headers=http_headers(pairs))
+
+
+def body_chunk(data: bytes, *, end_of_stream: bool = False) -> ProcessingRequest:
+    return ProcessingRequest(response_body=HttpBody(body=data, end_of_stream=end_of_stream))
+
+
+def on_wire(response: ProcessingResponse | None) -> ProcessingResponse:
+    """The reply as Envoy decodes it."""
+    assert response is not None
+    return ProcessingResponse.FromString(response.SerializeToString())
+
+
+def client_bytes(chunk: bytes, response: ProcessingResponse) -> bytes:
+    """What Envoy forwards to the client for `chunk`, given the processor's reply to it."""
+    assert response.WhichOneof("response") == "response_body"
+    common = response.response_body.response
+    assert common.status == 0  # CONTINUE
+    if not common.HasField("body_mutation"):
+        return chunk
+    mutation = common.body_mutation
+    kind = mutation.WhichOneof("mutation")
+    if kind == "body":
+        assert mutation.body, "an empty reply must be clear_body, not an empty replacement"
+        return bytes(mutation.body)
+    assert kind == "clear_body"
+    assert mutation.clear_body is True  # clear_body=False would forward the chunk unchanged
+    return b""
+
+
+def set_headers(options: list[HeaderValueOption]) -> dict[str, str]:
+    for option in options:
+        assert option.append_action == HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+    return {o.header.key: (o.header.raw_value or o.header.value.encode()).decode() for o in options}
+
+
+# --- driving a processor -------------------------------------------------------------------
+
+
+def new_processor(
+    store: MemoryStore | None = None, *, max_frame_bytes: int = MAX_FRAME_BYTES
+) -> StreamProcessor:
+    store = store if store is not None else MemoryStore()  # an empty store is falsy
+    return StreamProcessor(store, max_frame_bytes=max_frame_bytes)
+
+
+def start_stream(processor: StreamProcessor, content_type: str = SSE) -> SessionLog:
+    """Request and response headers of a 200 stream; returns the session it opened."""
+    assert on_wire(processor.handle(request_headers({}))).WhichOneof("response")
+    reply = on_wire(processor.handle(response_headers(200, content_type)))
+    assert processor.session is not None
+    mutation = reply.response_headers.response.header_mutation
+    assert set_headers(list(mutation.set_headers)) == {
+        "x-relay-session": processor.session.session_id
+    }
+    return processor.session
+
+
+def send_body(processor: StreamProcessor, chunks: list[bytes], *, end: bool = True) -> list[bytes]:
+    """Each chunk as one response_body message; the last one ends the stream if `end`."""
+    out: list[bytes] = []
+    for n, chunk in enumerate(chunks):
+        last = end and n == len(chunks) - 1
+        reply = on_wire(processor.handle(body_chunk(chunk, end_of_stream=last)))
+        out.append(client_bytes(chunk, reply))
+    return out
+
+
+def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
+    bounds = [0, *sorted({c % (len(data) + 1) for c in cuts}), len(data)]
+    return [data[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+def logged(log: SessionLog) -> list[bytes]:
+    return log.events_after(0, ALL_EVENTS)
+
+
+# --- an independent reference: whole input, WHATWG blocks ----------------------------------
+
+_LINE = re.compile(rb"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+\Z")
+_BLANK = {b"\n", b"\r\n", b"\r"}
+
+
+def _field(line: bytes, name: bytes) -> bool:
+    line = line.rstrip(b"\r\n")
+    return line == name or line.startswith(name + b":")
+
+
+def reference_blocks(data: bytes) -> tuple[list[bytes], bytes]:
+    """The terminated blocks (each ending with its blank line) and the unterminated tail."""
+    blocks: list[bytes] = []
+    block = b""
+    for line in _LINE.findall(data):
+        block += line
+        if line in _BLANK:
+            blocks.append(block)
+            block = b""
+    return blocks, block
+
+
+def reference_tag(block: bytes, event_id: str) -> bytes:
+    lines = _LINE.findall(block)
+    ending = re.search(rb"\r\n|\r|\n", lines[0])
+    assert ending is not None
+    kept = b"".join(line for line in lines if not _field(line, b"id"))
+    return b"id: " + event_id.encode() + ending.group() + kept
+
+
+def reference(
+    data: bytes, session: str, *, tag_first: int = ALL_EVENTS
+) -> tuple[bytes, list[bytes]]:
+    """(bytes the client gets, events logged) when the log keeps only the first `tag_first`."""
+    blocks, tail = reference_blocks(data)
+    out: list[bytes] = []
+    events: list[bytes] = []
+    for block in blocks:
+        is_event = any(_field(line, b"data") for line in _LINE.findall(block))
+        if is_event and len(events) < tag_first:
+            block = reference_tag(block, f"{session}:{len(events) + 1}")
+            events.append(block)
+        out.append(block)
+    return b"".join(out) + tail, events
+
+
+def torn(data: bytes) -> bool:
+    _, tail = reference_blocks(data)
+    return any(_field(line, b"data") for line in _LINE.findall(tail))
+
+
+# --- request headers -----------------------------------------------------------------------
+
+
+def test_request_without_last_event_id_continues_plainly() -> None:
+    reply = on_wire(new_processor().handle(request_headers({"accept": SSE})))
+    assert reply == ProcessingResponse(request_headers=HeadersResponse())  # no mutation, no mode
+
+
+def test_request_with_last_event_id_is_rerouted_to_resume() -> None:
+    store = MemoryStore()
+    processor = new_processor(store)
+    reply = on_wire(processor.handle(request_headers({"last-event-id": "x" * 22 + ":3"})))
+    common = reply.request_headers.response
+    assert set_headers(list(common.header_mutation.set_headers)) == {"x-relay-target": "resume"}
+    assert common.clear_route_cache is True
+    mode = reply.mode_override
+    assert mode.response_header_mode == ProcessingMode.SKIP
+    assert mode.response_body_mode == ProcessingMode.NONE
+    assert mode.response_trailer_mode == ProcessingMode.SKIP
+    # The relay's own front answers it, already tagged: the response opens no second session.
+    reply = on_wire(processor.handle(response_headers(200, SSE)))
+    assert not reply.response_headers.HasField("response")
+    assert processor.session is None
+    assert len(store) == 0
+
+
+def test_detached_route_reroutes_generations_only() -> None:
+    store = MemoryStore()
+    post = StreamProcessor(store, max_frame_bytes=MAX_FRAME_BYTES, detach=True)
+    reply = on_wire(post.handle(request_headers({})))
+    mutation = reply.request_headers.response.header_mutation
+    assert set_headers(list(mutation.set_headers)) == {"x-relay-target": "detached"}
+    get = StreamProcessor(store, max_frame_bytes=MAX_FRAME_BYTES, detach=True)
+    reply = on_wire(get.handle(request_headers({":method": "GET"})))
+    assert not reply.request_headers.HasField("response")
+
+
+def test_header_value_reads_raw_value_or_value() -> None:
+    processor = new_processor()
+    headers = HttpHeaders(headers=HeaderMap(headers=[HeaderValue(key="last-event-id", value="x")]))
+    reply = on_wire(processor.handle(ProcessingRequest(request_headers=headers)))
+    assert reply.request_headers.response.clear_route_cache is True
+
+
+# --- response headers ----------------------------------------------------------------------
+
+
+def test_event_stream_opens_a_session_and_streams_the_body() -> None:
+    store = MemoryStore()
+    processor = new_processor(store)
+    processor.handle(request_headers({}))
+    reply = on_wire(processor.handle(response_headers(200, "text/event-stream; charset=utf-8")))
+    log = processor.session
+    assert log is not None
+    assert store.get(log.session_id) is log
+    assert log.state is EndState.OPEN
+    assert log.content_type == "text/event-stream; charset=utf-8"
+    mutation = reply.response_headers.response.header_mutation
+    assert set_headers(list(mutation.set_headers)) == {"x-relay-session": log.session_id}
+    assert list(mutation.remove_headers) == ["content-length"]  # the body changes length
+    mode = reply.mode_override
+    assert mode.response_body_mode == ProcessingMode.STREAMED
+    assert mode.response_header_mode == ProcessingMode.SEND
+    assert mode.request_body_mode == ProcessingMode.NONE
+
+
+@pytest.mark.parametrize(
+    ("status", "content_type"),
+    [
+        (200, "application/json"),
+        (200, None),
+        (500, SSE),
+        (429, SSE),
+        (204, None),
+        (206, SSE),
+    ],
+)
+def test_other_responses_pass_untouched(status: int, content_type: str | None) -> None:
+    store = MemoryStore()
+    processor = new_processor(store)
+    processor.handle(request_headers({}))
+    reply = on_wire(processor.handle(response_headers(status, content_type)))
+    assert not reply.response_headers.HasField("response")
+    assert not reply.HasField("mode_override")
+    assert processor.session is None
+    assert len(store) == 0
+    chunks = [b'{"error": ', b'"x"}\n\n', b"data: 1\n\n"]
+    for n, chunk in enumerate(chunks):
+        reply = on_wire(processor.handle(body_chunk(chunk, end_of_stream=n == 2)))
+        assert not reply.response_body.HasField("response")
+        assert client_bytes(chunk, reply) == chunk
+    processor.finish(EndState.CANCELLED)
+    assert len(store) == 0
+
+
+# --- response bodies -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", SSE_INPUTS)
+@settings(max_examples=40, deadline=None)
+@given(
+    cuts=st.lists(st.integers(min_value=0, max_value=1 << 16), max_size=12), empty_end=st.booleans()
+)
+def test_sse_bodies_are_tagged_whatever_the_split(
+    name: str, cuts: list[int], empty_end: bool
+) -> None:
+    data = SSE_INPUTS[name]
+    store = MemoryStore()
+    processor = new_processor(store)
+    log = start_stream(processor)
+    chunks = split_at(data, cuts) + ([b""] if empty_end else [])
+
+    out = b"".join(send_body(processor, chunks))
+
+    expected_out, expected_events = reference(data, log.session_id)
+    assert out == expected_out
+    assert logged(log) == expected_events
+    seqs = re.findall(rb"id: " + log.session_id.encode() + rb":([0-9]+)\r?\n?", out)
+    assert seqs == [str(n).encode() for n in range(1, len(expected_events) + 1)]
+    if name in SSE_FIXTURES:
+        assert log.last_seq == SSE_FIXTURES[name]
+    if torn(data):
+        assert (log.state, log.reason) == (EndState.FAILED, "upstream ended mid-event")
+    else:
+        assert log.state is EndState.DONE
+
+
+@pytest.mark.parametrize("name", SSE_INPUTS)
+def test_sse_bodies_one_byte_per_chunk(name: str) -> None:
+    data = SSE_INPUTS[name]
+    processor = new_processor()
+    log = start_stream(processor)
+    out = send_body(processor, [data[i : i + 1] for i in range(len(data))])
+    assert b"".join(out) == reference(data, log.session_id)[0]
+    assert logged(log) == reference(data, log.session_id)[1]
+
+
+def test_upstream_ids_are_replaced_not_kept() -> None:
+    processor = new_processor()
+    log = start_stream(processor)
+    out = b"".join(send_body(processor, [UPSTREAM_IDS]))
+    sid = log.session_id
+    assert (
+        out
+        == (
+            f"id: {sid}:1\ndata: a\n\n"
+            f"id: {sid}:2\nevent: named\ndata: b\n\n"
+            ": comment\n\n"
+            "id: only-an-id\n\n"  # no data: not an event, passed through as sent
+            "\n"
+            f"id: {sid}:3\ndata\n\n"
+        ).encode()
+    )
+
+
+def test_partial_event_is_held_back_with_an_empty_reply() -> None:
+    processor = new_processor()
+    log = start_stream(processor)
+    held = on_wire(processor.handle(body_chunk(b"data: par")))
+    assert held.response_body.response.body_mutation.WhichOneof("mutation") == "clear_body"
+    assert held.response_body.response.body_mutation.clear_body is True
+    assert log.last_seq == 0
+    released = on_wire(processor.handle(body_chunk(b"tial\n\ndata: b", end_of_stream=False)))
+    assert client_bytes(b"", released) == f"id: {log.session_id}:1\ndata: partial\n\n".encode()
+    assert log.last_seq == 1
+    flushed = on_wire(processor.handle(body_chunk(b"\n\n", end_of_stream=True)))
+    assert client_bytes(b"", flushed) == f"id: {log.session_id}:2\ndata: b\n\n".encode()
+    assert log.state is EndState.DONE
+
+
+def test_truncated_stream_fails_the_session_and_passes_the_tail() -> None:
+    data = load("truncated-last-event.sse")
+    processor = new_processor()
+    log = start_stream(processor)
+    out = b"".join(send_body(processor, [data]))
+    _, tail = reference_blocks(data)
+    assert tail.startswith(b"data: ") and not tail.endswith(b"\n")
+    assert out.endswith(tail)
+    assert out == reference(data, log.session_id)[0]
+    assert (log.state, log.reason) == (EndState.FAILED, "upstream ended mid-event")
+    assert log.last_seq == 3
+
+
+@settings(max_examples=40, deadline=None)
+@given(cuts=st.lists(st.integers(min_value=0, max_value=1 << 16), max_size=12))
+def test_ndjson_is_logged_and_passed_unchanged(cuts: list[int]) -> None:
+    data = load("ollama-chat.ndjson")
+    processor = new_processor()
+    log = start_stream(processor, "application/x-ndjson")
+    out = b"".join(send_body(processor, split_at(data, cuts)))
+    assert out == data
+    assert logged(log) == data.splitlines(keepends=True)
+    assert log.last_seq == 5
+    assert log.state is EndState.DONE
+
+
+@settings(max_examples=40, deadline=None)
+@given(cuts=st.lists(st.integers(min_value=0, max_value=1 << 16), max_size=12))
+def test_frame_over_the_limit_fails_the_session_and_passes_the_rest(cuts: list[int]) -> None:
+    small = b"data: small\n\n"
+    big = b"event: big\ndata: " + b"x" * 3000 + b"\n\n"
+    data = small * 2 + big + small * 2
+    processor = new_processor(max_frame_bytes=1024)
+    log = start_stream(processor)
+    out = b"".join(send_body(processor, split_at(data, cuts)))
+
+    sid = log.session_id
+    tagged = f"id: {sid}:1\ndata: small\n\nid: {sid}:2\ndata: small\n\n".encode()
+    assert out == tagged + big + small * 2
+    assert logged(log) == [f"id: {sid}:{n}\ndata: small\n\n".encode() for n in (1, 2)]
+    assert (log.state, log.reason) == (EndState.FAILED, "event larger than 1024 bytes")
+
+
+def test_frame_over_the_limit_across_many_chunks_loses_nothing() -> None:
+    big = b"data: " + b"x" * 5000 + b"\n\n"
+    data = b"data: a\n\n" + big + b"data: b\n\n"
+    processor = new_processor(max_frame_bytes=1024)
+    log = start_stream(processor)
+    out = send_body(processor, [data[i : i + 100] for i in range(0, len(data), 100)])
+    assert b"".join(out) == f"id: {log.session_id}:1\n".encode() + data
+    assert log.state is EndState.FAILED
+
+
+def test_finish_cancelled_after_a_partial_stream() -> None:
+    data = load("openai-chat-usage.sse")
+    store = MemoryStore()
+    processor = new_processor(store)
+    log = start_stream(processor)
+    blocks, _ = reference_blocks(data)
+    send_body(processor, [b"".join(blocks[:4]), blocks[4][:10]], end=False)
+    processor.finish(EndState.CANCELLED, "client disconnected")
+    assert (log.state, log.reason) == (EndState.CANCELLED, "client disconnected")
+    assert logged(log) == reference(b"".join(blocks[:4]), log.session_id)[1]
+    processor.finish(EndState.DONE)  # the first cause wins
+    assert log.state is EndState.CANCELLED
+    assert store.get(log.session_id) is log  # still resumable until its TTL
+
+
+def test_finish_after_a_normal_end_changes_nothing() -> None:
+    processor = new_processor()
+    log = start_stream(processor)
+    send_body(processor, [b"data: 1\n\n"])
+    processor.finish(EndState.CANCELLED, "client disconnected")
+    assert (log.state, log.reason) == (EndState.DONE, "")
+
+
+@settings(max_examples=40, deadline=None)
+@given(cuts=st.lists(st.integers(min_value=0, max_value=1 << 16), max_size=12))
+def test_session_log_limit_mid_stream_leaves_the_rest_untagged(cuts: list[int]) -> None:
+    data = load("openai-chat-usage.sse")
+    store = MemoryStore(StoreLimits(max_bytes=1 << 20, max_log_bytes=2048))
+    processor = new_processor(store)
+    log = start_stream(processor)
+
+    first_block = len(reference_blocks(data)[0][0])  # alone in its chunk, so it fits
+    out = b"".join(send_body(processor, split_at(data, [*cuts, first_block])))
+
+    kept = log.last_seq
+    assert 0 < kept < SSE_FIXTURES["openai-chat-usage.sse"]  # the limit hit mid-stream
+    expected_out, expected_events = reference(data, log.session_id, tag_first=kept)
+    assert out == expected_out
+    assert logged(log) == expected_events
+    assert (log.state, log.reason) == (EndState.FAILED, "log_limit_exceeded")
+
+
+def test_log_limit_with_one_event_per_chunk() -> None:
+    data = load("openai-chat-usage.sse")
+    store = MemoryStore(StoreLimits(max_bytes=1 << 20, max_log_bytes=2048))
+    processor = new_processor(store)
+    log = start_stream(processor)
+    blocks, _ = reference_blocks(data)
+    out = send_body(processor, blocks)
+    _, events = reference(data, log.session_id)
+    sizes = itertools.accumulate(len(e) + EVENT_OVERHEAD_BYTES for e in events)
+    kept = sum(1 for size in sizes if LOG_OVERHEAD_BYTES + size <= 2048)
+    assert log.last_seq == kept
+    assert logged(log) == events[:kept]
+    assert (log.state, log.reason) == (EndState.FAILED, "log_limit_exceeded")
+    assert out[:kept] == events[:kept]  # every block of this fixture is an event
+    assert out[kept:] == blocks[kept:]
+
+
+def test_other_phases_continue_unchanged() -> None:
+    processor = new_processor()
+    assert on_wire(processor.handle(ProcessingRequest(request_body=HttpBody()))).HasField(
+        "request_body"
+    )
+    trailers = HttpTrailers()
+    reply = on_wire(processor.handle(ProcessingRequest(request_trailers=trailers)))
+    assert reply.HasField("request_trailers")
+    reply = on_wire(processor.handle(ProcessingRequest(response_trailers=trailers)))
+    assert reply.HasField("response_trailers")
+    assert processor.handle(ProcessingRequest()) is None
