@@ -21,7 +21,7 @@ from multidict import CIMultiDict
 
 from extproc.errors import ConfigError, LimitExceeded
 from extproc.framing import framer_for
-from extproc.log import EndState, SessionLog, WritePath
+from extproc.log import Cursor, EndState, SessionLog, WritePath
 from extproc.store import MemoryStore
 from extproc.writer import SessionWriter
 
@@ -84,6 +84,7 @@ class Generations:
         self._running: dict[str, Generation] = {}
         self._readers: dict[str, int] = {}
         self._http: aiohttp.ClientSession | None = None
+        store.metrics.generations_running.set_function(lambda: len(self._running))
 
     def readers(self, session_id: str) -> int:
         return self._readers.get(session_id, 0)
@@ -101,8 +102,13 @@ class Generations:
             await self._http.close()
 
     @contextlib.contextmanager
-    def reading(self, session: SessionLog) -> Iterator[None]:
-        """Count a reader on a session for as long as it reads; enforces the reader limit."""
+    def reading(self, target: Cursor | SessionLog, *, protocol: str = "sse") -> Iterator[None]:
+        """Count a reader on a session for as long as it reads; enforces the reader limit.
+
+        Given the reader's cursor, also counts what it was replayed and delivered.
+        """
+        cursor = target if isinstance(target, Cursor) else None
+        session = target.log if isinstance(target, Cursor) else target
         session_id = session.session_id
         count = self._readers.get(session_id, 0)
         if count >= self.settings.max_readers_per_session:
@@ -111,13 +117,25 @@ class Generations:
                 f"(limit {self.settings.max_readers_per_session})"
             )
         self._readers[session_id] = count + 1
+        session.peak_readers = max(session.peak_readers, count + 1)
         generation = self._running.get(session_id)
         if generation is not None and generation.grace_timer is not None:
             generation.grace_timer.cancel()
             generation.grace_timer = None
+        metrics = self._store.metrics
+        metrics.reader_connects.labels(protocol).inc()
+        metrics.readers_active.labels(protocol).inc()
+        start = cursor.seq if cursor is not None else 0
+        if cursor is not None:
+            metrics.replay_depth.observe(max(0, session.last_seq - start))
         try:
             yield
         finally:
+            metrics.readers_active.labels(protocol).dec()
+            if cursor is not None:
+                metrics.events_delivered.labels(protocol).inc(cursor.seq - start)
+            if session.state is EndState.OPEN and not session.gone_reason:
+                metrics.client_disconnects.labels(protocol).inc()
             left = self._readers[session_id] - 1
             if left:
                 self._readers[session_id] = left
@@ -139,11 +157,12 @@ class Generations:
             return
         loop = asyncio.get_running_loop()
         generation.grace_timer = loop.call_later(
-            self.settings.grace_s,
-            self.cancel,
-            session_id,
-            f"no reader for {self.settings.grace_s:g}s",
+            self.settings.grace_s, self._grace_over, session_id
         )
+
+    def _grace_over(self, session_id: str) -> None:
+        if self.cancel(session_id, f"no reader for {self.settings.grace_s:g}s"):
+            self._store.metrics.grace_cancellations.inc()
 
     def _client(self) -> aiohttp.ClientSession:
         if self._http is None:

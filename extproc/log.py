@@ -42,7 +42,9 @@ class SessionLog:
         "created_at",
         "ended_at",
         "gone_reason",
+        "last_append_at",
         "nbytes",
+        "peak_readers",
         "reason",
         "session_id",
         "state",
@@ -54,6 +56,8 @@ class SessionLog:
         self.content_type = content_type
         self.write_path = write_path
         self.created_at = time.monotonic()
+        self.last_append_at = self.created_at
+        self.peak_readers = 0  # most readers at once; kept by whoever counts readers
         self.ended_at: float | None = None
         self.state = EndState.OPEN
         self.reason = ""

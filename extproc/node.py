@@ -17,11 +17,13 @@ from pathlib import Path
 import grpc
 from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 
 from extproc import service
 from extproc.config import NodeSettings
 from extproc.detached import Generations
 from extproc.fronts.app import make_app
+from extproc.metrics import RelayMetrics
 from extproc.store import MemoryStore
 
 log = logging.getLogger("stream_relay.node")
@@ -44,7 +46,10 @@ class RunningNode:
 
 
 async def start_node(settings: NodeSettings) -> RunningNode:
-    store = MemoryStore(settings.store)
+    registry = CollectorRegistry()
+    for collector in (ProcessCollector, PlatformCollector, GCCollector):
+        collector(registry=registry)  # process CPU, memory, fds, GC: next to the relay's own
+    store = MemoryStore(settings.store, metrics=RelayMetrics(registry))
     generations = Generations(store, settings.detach, max_frame_bytes=settings.max_frame_bytes)
     server = grpc.aio.server()
     service.add_to_server(

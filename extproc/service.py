@@ -6,6 +6,7 @@ end; a session still open when the stream goes away was cut short (client gone).
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -34,13 +35,19 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):  # type: ignor
             max_frame_bytes=self._max_frame_bytes,
             detach=metadata.get(WRITE_PATH_METADATA) == "detached",
         )
+        timing = self._store.metrics.processor_message
         try:
             async for request in request_iterator:
+                started = time.perf_counter()
                 response = processor.handle(request)
+                timing.labels(request.WhichOneof("request")).observe(time.perf_counter() - started)
                 if response is not None:
                     yield response
         finally:
             # Normal ends already closed the session; anything left open lost its client.
+            session = processor.session
+            if session is not None and session.state is EndState.OPEN:
+                self._store.metrics.client_disconnects.labels("inline").inc()
             processor.finish(EndState.CANCELLED, "client disconnected")
 
 

@@ -7,7 +7,9 @@ clients receive it, so replayed bytes equal live bytes.
 
 from __future__ import annotations
 
-from extproc.framing import Frame, FrameTooLarge, NdjsonFramer, SseFramer, tag_sse
+import json
+
+from extproc.framing import Frame, FrameTooLarge, NdjsonFramer, SseFramer, sse_data, tag_sse
 from extproc.ids import format_event_id
 from extproc.log import EndState, SessionLog
 from extproc.store import MemoryStore
@@ -51,6 +53,35 @@ class SessionWriter:
             self._store.end(self.log, EndState.DONE)
         return out
 
+    def _count_usage(self, raw: bytes) -> None:
+        """Token counts from the upstream's own report: OpenAI's usage chunk, Anthropic's
+        message_start / message_delta, Ollama's final line. Unparseable reports are ignored."""
+        data = sse_data(raw) if self._tag else raw
+        try:
+            doc = json.loads(data or b"")
+        except ValueError:
+            return
+        if not isinstance(doc, dict):
+            return
+        nested = doc.get("message")
+        message: dict[str, object] = nested if isinstance(nested, dict) else {}
+        usage = doc.get("usage") or message.get("usage") or {}
+        if not isinstance(usage, dict):
+            return
+        prompt = (
+            usage.get("prompt_tokens") or usage.get("input_tokens") or doc.get("prompt_eval_count")
+        )
+        completion = (
+            usage.get("completion_tokens") or usage.get("output_tokens") or doc.get("eval_count")
+        )
+        model = doc.get("model") or message.get("model") or "unknown"
+        if isinstance(prompt, int) or isinstance(completion, int):
+            self._store.metrics.count_tokens(
+                str(model)[:128],
+                prompt if isinstance(prompt, int) else 0,
+                completion if isinstance(completion, int) else 0,
+            )
+
     def _emit(self, frames: list[Frame]) -> bytes:
         log = self.log
         if log.state is not EndState.OPEN or log.gone_reason:
@@ -64,6 +95,8 @@ class SessionWriter:
                 continue
             seq += 1
             raw = frame.raw
+            if b'"usage"' in raw or b'"eval_count"' in raw:
+                self._count_usage(raw)
             if self._tag:
                 raw = tag_sse(raw, format_event_id(log.session_id, seq))
             kept.append(raw)

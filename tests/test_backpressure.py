@@ -102,12 +102,14 @@ def test_a_stalled_reader_neither_blocks_nor_slows_the_others(detached_stack: St
         fast = httpx.get(f"{stack.base_url}{path}", timeout=60)
         assert fast.status_code == 200
         assert fast.content.count(b"\nid: ") + fast.content.startswith(b"id: ") == BIG + 3
-        wait_for(
-            "Envoy to hold back the stalled reader",
-            lambda: (
-                envoy_stats(stack)["cluster.relay_http.upstream_flow_control_paused_reading_total"]
-                > 0
-            ),
-        )
+        paused = "cluster.relay_http.upstream_flow_control_paused_reading_total"
+        try:
+            wait_for(
+                "Envoy to hold back the stalled reader", lambda: envoy_stats(stack)[paused] > 0
+            )
+        except AssertionError:  # say what the relay and Envoy saw, to tell flow from timing
+            info = httpx.get(f"{stack.base_url}/relay/v1/sessions/{session}").text
+            flow = {k: v for k, v in envoy_stats(stack).items() if "flow_control" in k}
+            raise AssertionError(f"no pause; session {info}; flow control {flow}") from None
         late = read_all(slow)  # and the slow one still gets every event, identical
     assert late == fast.content

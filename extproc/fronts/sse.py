@@ -18,7 +18,13 @@ import aiohttp
 from aiohttp import web
 
 from extproc.detached import Generations
-from extproc.errors import MalformedEventId, RelayError, SessionConflict, SessionGone
+from extproc.errors import (
+    MalformedEventId,
+    RelayError,
+    SessionConflict,
+    SessionGone,
+    SessionNotFound,
+)
 from extproc.ids import EventId, is_session_id, parse_event_id
 from extproc.log import Cursor, EndState, SessionLog
 from extproc.processor import LAST_EVENT_ID_HEADER, SESSION_HEADER
@@ -49,6 +55,33 @@ def open_cursor(store: MemoryStore, event_id: EventId) -> Cursor:
     return Cursor(log, event_id.seq)
 
 
+def resume_cursor(
+    store: MemoryStore, text: str, *, protocol: str, session_id: str | None = None
+) -> Cursor:
+    """A cursor for a client that came back with an event id; counts the outcome.
+
+    `session_id`, when the path already names the session, must match the id's session.
+    """
+    resumes = store.metrics.resumes
+    try:
+        event_id = parse_event_id(text)
+        if session_id is not None and event_id.session != session_id:
+            raise MalformedEventId("the event id belongs to another session")
+        cursor = open_cursor(store, event_id)
+    except MalformedEventId:
+        resumes.labels("malformed").inc()
+        raise
+    except SessionNotFound:
+        resumes.labels("unknown").inc()
+        raise
+    except SessionGone:
+        resumes.labels("expired").inc()
+        raise
+    resumes.labels("hit").inc()
+    store.metrics.client_reconnects.labels(protocol).inc()
+    return cursor
+
+
 def _session_from_path(request: web.Request) -> str:
     session_id = request.match_info["session"]
     if not is_session_id(session_id):
@@ -56,13 +89,13 @@ def _session_from_path(request: web.Request) -> str:
     return session_id
 
 
-def reader_cursor(request: web.Request, session_id: str) -> Cursor:
+def reader_cursor(request: web.Request, session_id: str, *, protocol: str = "sse") -> Cursor:
     """Where a reader starts: `Last-Event-ID` (an EventSource reconnecting), else `?after=`."""
+    store = request.app[STORE_KEY]
     text = request.headers.get(LAST_EVENT_ID_HEADER) or request.query.get("after")
-    event_id = parse_event_id(text) if text else EventId(session_id, 0)
-    if event_id.session != session_id:
-        raise MalformedEventId("the event id belongs to another session")
-    return open_cursor(request.app[STORE_KEY], event_id)
+    if text:
+        return resume_cursor(store, text, protocol=protocol, session_id=session_id)
+    return open_cursor(store, EventId(session_id, 0))  # a new reader, not a resume
 
 
 def _stream_headers(log: SessionLog, content_type: str) -> dict[str, str]:
@@ -77,13 +110,14 @@ def _stream_headers(log: SessionLog, content_type: str) -> dict[str, str]:
 async def stream_cursor(request: web.Request, cursor: Cursor) -> web.StreamResponse:
     """Original-endpoint semantics: the logged bytes, history then live, as the upstream sent."""
     log = cursor.log
-    generations = request.app[GENERATIONS_KEY]
-    with generations.reading(log):
+    lag = request.app[STORE_KEY].metrics.reader_lag
+    with request.app[GENERATIONS_KEY].reading(cursor, protocol="http"):
         response = web.StreamResponse(headers=_stream_headers(log, log.content_type))
         await response.prepare(request)
         try:
             async for batch in cursor.batches():
                 await response.write(b"".join(batch))  # drains: the reader sets the pace
+                lag.observe(log.last_seq - cursor.seq)
         except SessionGone as exc:
             await _cut(request, response, f"session gone: {exc.message}")
             return response
@@ -105,8 +139,8 @@ async def _cut(request: web.Request, response: web.StreamResponse, why: str) -> 
 async def resume(request: web.Request) -> web.StreamResponse:
     """A repeated request that carries `Last-Event-ID`: answered from the log."""
     try:
-        event_id = parse_event_id(request.headers.get(LAST_EVENT_ID_HEADER, ""))
-        cursor = open_cursor(request.app[STORE_KEY], event_id)
+        text = request.headers.get(LAST_EVENT_ID_HEADER, "")
+        cursor = resume_cursor(request.app[STORE_KEY], text, protocol="http")
         return await stream_cursor(request, cursor)
     except RelayError as error:
         return error_response(error)
@@ -177,7 +211,8 @@ async def events(request: web.Request) -> web.StreamResponse:
         log = cursor.log
         if log.state is not EndState.OPEN and cursor.seq >= log.last_seq:
             return web.Response(status=204)  # nothing left: tells EventSource to stop
-        with request.app[GENERATIONS_KEY].reading(log):
+        lag = request.app[STORE_KEY].metrics.reader_lag
+        with request.app[GENERATIONS_KEY].reading(cursor, protocol="sse"):
             response = web.StreamResponse(headers=_stream_headers(log, "text/event-stream"))
             await response.prepare(request)
             try:
@@ -185,6 +220,7 @@ async def events(request: web.Request) -> web.StreamResponse:
                     first = cursor.seq - len(batch) + 1
                     out = b"".join(_sse_event(log, first + i, raw) for i, raw in enumerate(batch))
                     await response.write(out)
+                    lag.observe(log.last_seq - cursor.seq)
             except SessionGone as exc:
                 await _cut(request, response, f"session gone: {exc.message}")
                 return response

@@ -18,6 +18,7 @@ from cachetools import LRUCache
 from extproc.errors import ConfigError, SessionGone, SessionNotFound
 from extproc.ids import new_session_id
 from extproc.log import EVENT_OVERHEAD_BYTES, EndState, SessionLog, WritePath
+from extproc.metrics import RelayMetrics
 
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 DEFAULT_MAX_LOG_BYTES = 16 * 1024 * 1024
@@ -69,8 +70,15 @@ class MemoryStore:
         limits: StoreLimits | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
+        metrics: RelayMetrics | None = None,
     ) -> None:
         self.limits = limits or StoreLimits()
+        # Every session start, append, end and drop passes through here: the natural place
+        # to observe them. Readers and writers reach the metrics through the store.
+        self.metrics = metrics if metrics is not None else RelayMetrics()
+        self.metrics.store_bytes.set_function(lambda: self.nbytes)
+        self.metrics.store_sessions.set_function(lambda: len(self))
+        self.metrics.store_capacity_bytes.set(self.limits.max_bytes)
         self._clock = clock
         self._logs = _LogCache(self.limits.max_bytes, self._evicted)
         self._expiries: deque[tuple[float, SessionLog]] = deque()
@@ -89,6 +97,8 @@ class MemoryStore:
         self._expire()
         log = SessionLog(new_session_id(), content_type=content_type, write_path=write_path)
         self._logs[log.session_id] = log
+        self.metrics.sessions_started.labels(write_path.value).inc()
+        self.metrics.sessions_active.labels(write_path.value).inc()
         return log
 
     def get(self, session_id: str) -> SessionLog:
@@ -112,6 +122,7 @@ class MemoryStore:
         if log.nbytes + added > self.limits.max_log_bytes:
             self.end(log, EndState.FAILED, "log_limit_exceeded")
             return False
+        self._observe_append(log, events)
         for raw in events:
             log.append(raw)
         if self._logs.get(log.session_id) is log:  # a touch first: this append is its latest use
@@ -124,8 +135,23 @@ class MemoryStore:
         if log.state is not EndState.OPEN:
             return
         log.end(state, reason)
+        path = log.write_path.value
+        self.metrics.sessions_ended.labels(path, state.value).inc()
+        self.metrics.sessions_active.labels(path).dec()
+        self.metrics.session_readers.observe(log.peak_readers)
         self._expiries.append((self._clock() + self.limits.ended_ttl_s, log))
         self._expire()
+
+    def _observe_append(self, log: SessionLog, events: list[bytes]) -> None:
+        path = log.write_path.value
+        now = time.monotonic()
+        if log.last_seq == 0:
+            self.metrics.first_event.labels(path).observe(now - log.created_at)
+        else:
+            self.metrics.event_gap.labels(path).observe(now - log.last_append_at)
+        log.last_append_at = now
+        self.metrics.events.labels(path).inc(len(events))
+        self.metrics.event_bytes.labels(path).inc(sum(len(raw) for raw in events))
 
     def _expire(self) -> None:
         now = self._clock()
@@ -141,6 +167,7 @@ class MemoryStore:
         self._drop(log, "evicted")
 
     def _drop(self, log: SessionLog, reason: str) -> None:
+        self.metrics.store_drops.labels(reason).inc()
         if self.limits.tombstones:
             self._tombstones[log.session_id] = reason
         log.drop(reason)
