@@ -214,6 +214,21 @@ def sse_data(raw: bytes) -> bytes | None:
     return b"\n".join(parts) if parts else None
 
 
+def sse_event_name(raw: bytes) -> str | None:
+    """The block's event type as the WHATWG algorithm sets it (the last `event` field wins, one
+    leading space after the colon stripped), or None when it has none or an empty one: such an
+    event dispatches as "message"."""
+    if b"event" not in raw:
+        return None
+    name = b""
+    for line in _skip_bom(raw).splitlines():
+        if line.startswith(b"event:"):
+            name = line[7:] if line[6:7] == b" " else line[6:]
+        elif line == b"event":
+            name = b""
+    return name.decode("utf-8", "replace") or None
+
+
 def _line_end(block: bytes) -> bytes:
     lf, cr = block.find(b"\n"), block.find(b"\r")
     if cr < 0 or 0 <= lf < cr:

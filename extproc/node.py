@@ -17,11 +17,13 @@ from pathlib import Path
 import grpc
 from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 
 from extproc import service
 from extproc.config import NodeSettings
 from extproc.detached import Generations
+from extproc.fronts import grpc_relay
 from extproc.fronts.app import make_app
 from extproc.metrics import RelayMetrics
 from extproc.store import MemoryStore
@@ -57,6 +59,10 @@ async def start_node(settings: NodeSettings) -> RunningNode:
     )
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    grpc_relay.add_to_server(grpc_relay.RelayServicer(store, generations), server)
+    reflection.enable_server_reflection(
+        (grpc_relay.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
     grpc_port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)

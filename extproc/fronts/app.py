@@ -10,7 +10,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from extproc.detached import Generations
-from extproc.fronts import sse
+from extproc.fronts import sse, ws
 from extproc.store import MemoryStore
 
 
@@ -37,4 +37,5 @@ def make_app(store: MemoryStore, generations: Generations) -> web.Application:
     app.router.add_get("/relay/v1/sessions/{session}", sse.session_info)
     app.router.add_delete("/relay/v1/sessions/{session}", sse.cancel)
     app.router.add_get("/relay/v1/sessions/{session}/events", sse.events)
+    app.router.add_get("/relay/v1/sessions/{session}/ws", ws.websocket)
     return app

@@ -82,7 +82,7 @@ def resume_cursor(
     return cursor
 
 
-def _session_from_path(request: web.Request) -> str:
+def session_from_path(request: web.Request) -> str:
     session_id = request.match_info["session"]
     if not is_session_id(session_id):
         raise MalformedEventId("session ids are 22 URL-safe characters")
@@ -207,7 +207,7 @@ def end_event(log: SessionLog) -> bytes:
 async def events(request: web.Request) -> web.StreamResponse:
     """GET /relay/v1/sessions/{id}/events — SSE for EventSource and any SSE client."""
     try:
-        cursor = reader_cursor(request, _session_from_path(request))
+        cursor = reader_cursor(request, session_from_path(request))
         log = cursor.log
         if log.state is not EndState.OPEN and cursor.seq >= log.last_seq:
             return web.Response(status=204)  # nothing left: tells EventSource to stop
@@ -245,7 +245,7 @@ def session_json(log: SessionLog, generations: Generations) -> dict[str, object]
 
 async def session_info(request: web.Request) -> web.Response:
     try:
-        log = request.app[STORE_KEY].get(_session_from_path(request))
+        log = request.app[STORE_KEY].get(session_from_path(request))
     except RelayError as error:
         return error_response(error)
     return web.json_response(session_json(log, request.app[GENERATIONS_KEY]))
@@ -255,7 +255,7 @@ async def cancel(request: web.Request) -> web.Response:
     """DELETE /relay/v1/sessions/{id}: stop a detached generation now."""
     generations = request.app[GENERATIONS_KEY]
     try:
-        log = request.app[STORE_KEY].get(_session_from_path(request))
+        log = request.app[STORE_KEY].get(session_from_path(request))
         if log.state is not EndState.OPEN:
             raise SessionConflict(f"session already ended {log.state.value}")
         if not generations.cancel(log.session_id, "cancelled by owner"):

@@ -1,0 +1,73 @@
+"""The gRPC front: `relay.v1.Relay/Subscribe`, a server stream of one session's events.
+
+The reader is a Cursor (history, then live) counted by `Generations.reading`; gRPC flow
+control paces it (each yield waits for the write). `after` is an event id from any front.
+A stream that reads to the end sends one `End`, then status OK; errors are mapped here, once,
+to the error's gRPC code (unknown or gone: NOT_FOUND, malformed: INVALID_ARGUMENT, ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from extproc.detached import Generations
+from extproc.errors import MalformedEventId, RelayError
+from extproc.fronts.sse import open_cursor, resume_cursor
+from extproc.fronts.ws import event_fields
+from extproc.ids import EventId, format_event_id, is_session_id
+from extproc.log import Cursor, SessionLog
+from extproc.proto.relay.v1 import relay_pb2, relay_pb2_grpc
+from extproc.proto.relay.v1.relay_pb2 import End, Event, SubscribeRequest, SubscribeResponse
+from extproc.store import MemoryStore
+
+SERVICE_NAME = relay_pb2.DESCRIPTOR.services_by_name["Relay"].full_name  # for reflection
+_Context = grpc.aio.ServicerContext[SubscribeRequest, SubscribeResponse]
+
+
+def _event(log: SessionLog, seq: int, raw: bytes) -> SubscribeResponse:
+    name, data = event_fields(log, raw)
+    event_id = format_event_id(log.session_id, seq)
+    return SubscribeResponse(event=Event(id=event_id, seq=seq, event=name or "", data=data))
+
+
+def _end(log: SessionLog) -> SubscribeResponse:
+    return SubscribeResponse(
+        end=End(state=log.state.value, reason=log.reason, last_seq=log.last_seq)
+    )
+
+
+class RelayServicer(relay_pb2_grpc.RelayServicer):
+    def __init__(self, store: MemoryStore, generations: Generations) -> None:
+        self._store = store
+        self._generations = generations
+
+    def _cursor(self, request: SubscribeRequest) -> Cursor:
+        if request.after:  # `session` may be left empty: the id names it
+            session = request.session or None
+            return resume_cursor(self._store, request.after, protocol="grpc", session_id=session)
+        if not is_session_id(request.session):
+            raise MalformedEventId("session ids are 22 URL-safe characters")
+        return open_cursor(self._store, EventId(request.session, 0))  # a new reader
+
+    async def Subscribe(
+        self, request: SubscribeRequest, context: _Context
+    ) -> AsyncIterator[SubscribeResponse]:
+        try:
+            cursor = self._cursor(request)
+            log = cursor.log
+            lag = self._store.metrics.reader_lag
+            with self._generations.reading(cursor, protocol="grpc"):
+                async for batch in cursor.batches():
+                    first = cursor.seq - len(batch) + 1
+                    for i, raw in enumerate(batch):
+                        yield _event(log, first + i, raw)
+                    lag.observe(log.last_seq - cursor.seq)
+            yield _end(log)
+        except RelayError as error:  # the one mapping from the error tree to gRPC
+            await context.abort(error.grpc_code, error.message)
+
+
+def add_to_server(servicer: RelayServicer, server: grpc.aio.Server) -> None:
+    relay_pb2_grpc.add_RelayServicer_to_server(servicer, server)

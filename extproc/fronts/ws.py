@@ -1,0 +1,103 @@
+"""The WebSocket front: `GET /relay/v1/sessions/{id}/ws`, one JSON text message per event.
+
+The reader is a Cursor (history, then live) counted by `Generations.reading`; aiohttp's send
+drain is its only buffer. Errors found before the upgrade are the HTTP front's JSON errors;
+after it the stream ends with `{"type": "end"}` and close 1000, or `{"type": "error"}` and
+close 1011 if the store dropped the log. A client that leaves stops the reader at once.
+`event_fields` (a logged event as name and data) is shared with the gRPC front.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from aiohttp import WSCloseCode, web
+from prometheus_client import Histogram
+
+from extproc.errors import RelayError, SessionGone
+from extproc.framing import sse_data, sse_event_name
+from extproc.fronts.sse import (
+    GENERATIONS_KEY,
+    STORE_KEY,
+    error_response,
+    reader_cursor,
+    session_from_path,
+)
+from extproc.ids import format_event_id
+from extproc.log import Cursor, SessionLog
+
+HEARTBEAT_S = 20.0  # ping period; a peer that misses the pong (half a period) is dropped
+MAX_CLIENT_MESSAGE_BYTES = 4096  # clients have nothing to say; a bigger message closes (1009)
+
+
+def event_fields(log: SessionLog, raw: bytes) -> tuple[str | None, str]:
+    """A logged event for readers that get fields, not bytes: (SSE event name, data as the
+    WHATWG parser builds it). An NDJSON line has no name; its data is the line, no line end."""
+    if log.content_type.startswith("text/event-stream"):
+        return sse_event_name(raw), (sse_data(raw) or b"").decode("utf-8", "replace")
+    return None, raw.removesuffix(b"\n").removesuffix(b"\r").decode("utf-8", "replace")
+
+
+def _event_message(log: SessionLog, seq: int, raw: bytes) -> str:
+    name, data = event_fields(log, raw)
+    event_id = format_event_id(log.session_id, seq)
+    message = {"type": "event", "id": event_id, "seq": seq, "event": name, "data": data}
+    return json.dumps(message, separators=(",", ":"))
+
+
+async def _send_log(ws: web.WebSocketResponse, cursor: Cursor, lag: Histogram) -> WSCloseCode:
+    """Every event after the cursor, then how the session ended; returns the close code."""
+    log = cursor.log
+    try:
+        async for batch in cursor.batches():
+            first = cursor.seq - len(batch) + 1
+            for i, raw in enumerate(batch):
+                await ws.send_str(_event_message(log, first + i, raw))  # drains: reader's pace
+            lag.observe(log.last_seq - cursor.seq)
+    except SessionGone as exc:
+        await ws.send_json({"type": "error", "code": exc.code, "message": exc.message})
+        return WSCloseCode.INTERNAL_ERROR
+    end = {"type": "end", "state": log.state.value, "reason": log.reason, "last_seq": log.last_seq}
+    await ws.send_json(end)  # then close 1000
+    return WSCloseCode.OK
+
+
+async def _until_peer_leaves(ws: web.WebSocketResponse) -> None:
+    """Read (and ignore) what the client sends: that is how its close frame is answered and
+    how a peer that stopped answering heartbeat pings is noticed."""
+    async for _ in ws:
+        pass
+
+
+async def _serve(ws: web.WebSocketResponse, cursor: Cursor, lag: Histogram) -> None:
+    """Send the log and watch the peer; whichever ends first stops the other."""
+    sending = asyncio.create_task(_send_log(ws, cursor, lag))
+    watching = asyncio.create_task(_until_peer_leaves(ws))
+    try:
+        await asyncio.wait((sending, watching), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (sending, watching):
+            task.cancel()
+        await asyncio.gather(sending, watching, return_exceptions=True)
+    if sending.cancelled():
+        return  # the peer left first: nothing to close politely
+    error = sending.exception()
+    if isinstance(error, ConnectionError):
+        return  # the peer vanished mid-send
+    if error is not None:
+        raise error
+    await ws.close(code=sending.result())
+
+
+async def websocket(request: web.Request) -> web.StreamResponse:
+    """GET /relay/v1/sessions/{id}/ws[?after=<event id>]."""
+    try:
+        cursor = reader_cursor(request, session_from_path(request), protocol="ws")
+        with request.app[GENERATIONS_KEY].reading(cursor, protocol="ws"):
+            ws = web.WebSocketResponse(heartbeat=HEARTBEAT_S, max_msg_size=MAX_CLIENT_MESSAGE_BYTES)
+            await ws.prepare(request)
+            await _serve(ws, cursor, request.app[STORE_KEY].metrics.reader_lag)
+            return ws
+    except RelayError as error:  # only ever before the upgrade: _serve handles SessionGone
+        return error_response(error)

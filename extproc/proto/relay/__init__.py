@@ -1,0 +1,1 @@
+"""relay.* protobuf packages (generated code lives below)."""
