@@ -160,7 +160,11 @@ def test_sse_reader_endpoint_resume_and_end(detached_stack: Stack) -> None:
             client, "GET", f"{url}?after={session}:2", headers={"Last-Event-ID": f"{session}:9"}
         ) as source:
             after_nine = list(source.iter_sse())
-        done = client.get(url, headers={"Last-Event-ID": f"{session}:13"})
+        # A reader cut before relay.end hears the end again; one that saw it (its id is one
+        # past the last event) gets 204.
+        with connect_sse(client, "GET", url, headers={"Last-Event-ID": f"{session}:13"}) as s:
+            only_end = list(s.iter_sse())
+        done = client.get(url, headers={"Last-Event-ID": f"{session}:14"})
     ids = [e.id for e in everything[:-1]]
     assert ids == [f"{session}:{n}" for n in range(1, 14)]
     assert [e.data for e in everything[:-1]] == [
@@ -169,6 +173,8 @@ def test_sse_reader_endpoint_resume_and_end(detached_stack: Stack) -> None:
     assert [e.id for e in after_five[:-1]] == ids[5:]
     assert [e.id for e in after_nine[:-1]] == ids[9:]
     assert json.loads(everything[-1].data) == {"state": "done", "reason": "", "last_seq": 13}
+    assert [(e.id, e.event) for e in only_end] == [(f"{session}:14", "relay.end")]
+    assert everything[-1].id == f"{session}:14"
     assert done.status_code == 204  # nothing left: an EventSource stops reconnecting
     wrong = httpx.get(url, params={"after": f"{'B' * 22}:1"})
     assert wrong.status_code == 400

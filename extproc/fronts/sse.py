@@ -25,7 +25,7 @@ from extproc.errors import (
     SessionGone,
     SessionNotFound,
 )
-from extproc.ids import EventId, is_session_id, parse_event_id
+from extproc.ids import EventId, format_event_id, is_session_id, parse_event_id
 from extproc.log import Cursor, EndState, SessionLog
 from extproc.processor import LAST_EVENT_ID_HEADER, SESSION_HEADER
 from extproc.store import MemoryStore
@@ -46,9 +46,13 @@ def error_response(error: RelayError) -> web.Response:
 
 
 def open_cursor(store: MemoryStore, event_id: EventId) -> Cursor:
-    """A cursor after `event_id`; the id must be one this session has already sent."""
+    """A cursor after `event_id`; the id must be one this session has already sent.
+
+    An ended session has one more id, `last_seq + 1`: that of the `relay.end` marker, after
+    which nothing is left."""
     log = store.get(event_id.session)
-    if event_id.seq > log.last_seq:
+    ended = log.state is not EndState.OPEN and not log.gone_reason
+    if event_id.seq > log.last_seq and not (ended and event_id.seq == log.last_seq + 1):
         if log.state is EndState.OPEN and not log.gone_reason:
             raise MalformedEventId(f"event {event_id} has not been sent yet")
         raise SessionGone(f"session {event_id.session} has no event {event_id.seq}")
@@ -198,10 +202,12 @@ def _sse_event(log: SessionLog, seq: int, raw: bytes) -> bytes:
 
 
 def end_event(log: SessionLog) -> bytes:
-    """The last thing a reader sees: how the session ended. It has no id, so an EventSource
-    that reconnects still resumes after the last real event (and then gets 204)."""
+    """The last thing a reader sees: how the session ended. Its id is one past the last event,
+    so a reader cut before it hears the end again on reconnect, and one that got it is answered
+    204 (which stops an EventSource) instead of a reconnect loop."""
     payload = json.dumps({"state": log.state.value, "reason": log.reason, "last_seq": log.last_seq})
-    return f"event: relay.end\ndata: {payload}\n\n".encode()
+    end_id = format_event_id(log.session_id, log.last_seq + 1)
+    return f"id: {end_id}\nevent: relay.end\ndata: {payload}\n\n".encode()
 
 
 async def events(request: web.Request) -> web.StreamResponse:
@@ -209,8 +215,8 @@ async def events(request: web.Request) -> web.StreamResponse:
     try:
         cursor = reader_cursor(request, session_from_path(request))
         log = cursor.log
-        if log.state is not EndState.OPEN and cursor.seq >= log.last_seq:
-            return web.Response(status=204)  # nothing left: tells EventSource to stop
+        if log.state is not EndState.OPEN and cursor.seq > log.last_seq:
+            return web.Response(status=204)  # it saw relay.end: tells EventSource to stop
         lag = request.app[STORE_KEY].metrics.reader_lag
         with request.app[GENERATIONS_KEY].reading(cursor, protocol="sse"):
             response = web.StreamResponse(headers=_stream_headers(log, "text/event-stream"))
