@@ -1,5 +1,6 @@
 """The `stream-relay` command: `up` (the whole stack), `serve` (relay node only),
-`demo-upstream`, and `envoy-config` (print the rendered Envoy config).
+`demo-upstream`, `envoy-config` (print the rendered Envoy config) and `status` (a summary of a
+running relay node, from its metrics).
 
 Invalid flags or configuration print one line naming the problem and exit with status 2.
 """
@@ -24,6 +25,7 @@ from extproc.detached import (
 from extproc.envoy_config import WRITE_PATHS, EnvoyPorts, Upstream, render
 from extproc.errors import ConfigError
 from extproc.framing import DEFAULT_MAX_FRAME_BYTES
+from extproc.status import DEFAULT_INTERVAL_S, DEFAULT_METRICS_URL
 from extproc.store import StoreLimits
 from extproc.store.memory import DEFAULT_ENDED_TTL_S, DEFAULT_MAX_BYTES, DEFAULT_MAX_LOG_BYTES
 
@@ -223,6 +225,20 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("--egress-port", type=_port, default=10001)
     config.add_argument("--write-path", choices=WRITE_PATHS, default="detached")
     config.add_argument("--upstream", metavar="URL", required=True)
+
+    status = commands.add_parser("status", help="summarize a running relay node from its metrics")
+    status.add_argument(
+        "--metrics-url",
+        default=DEFAULT_METRICS_URL,
+        metavar="URL",
+        help=f"the relay node's /metrics (default {DEFAULT_METRICS_URL})",
+    )
+    status.add_argument(
+        "--interval",
+        type=_positive(float),
+        default=DEFAULT_INTERVAL_S,
+        help=f"seconds between the two scrapes that give rates (default {DEFAULT_INTERVAL_S:g})",
+    )
     return parser
 
 
@@ -273,6 +289,14 @@ def main(argv: list[str] | None = None) -> int:
 
             asyncio.run(serve(_node_settings(args), args.ports_file))
             return 0
+        if args.command == "status":
+            from extproc.status import run
+
+            return run(
+                args.metrics_url,
+                args.interval,
+                err=lambda line: print(line, file=sys.stderr),
+            )
         ports = EnvoyPorts(
             listen_port=args.port,
             admin_port=args.admin_port,

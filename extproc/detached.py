@@ -105,7 +105,7 @@ class Generations:
     def reading(self, target: Cursor | SessionLog, *, protocol: str = "sse") -> Iterator[None]:
         """Count a reader on a session for as long as it reads; enforces the reader limit.
 
-        Given the reader's cursor, also counts what it was replayed and delivered.
+        Given the reader's cursor, also counts how much history it was replayed.
         """
         cursor = target if isinstance(target, Cursor) else None
         session = target.log if isinstance(target, Cursor) else target
@@ -132,8 +132,6 @@ class Generations:
             yield
         finally:
             metrics.readers_active.labels(protocol).dec()
-            if cursor is not None:
-                metrics.events_delivered.labels(protocol).inc(cursor.seq - start)
             if session.state is EndState.OPEN and not session.gone_reason:
                 metrics.client_disconnects.labels(protocol).inc()
             left = self._readers[session_id] - 1

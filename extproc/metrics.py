@@ -16,6 +16,10 @@ _MESSAGE_BUCKETS = (5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 0.
 _COUNT_BUCKETS = (0, 1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 5000)
 
 RESUME_OUTCOMES = ("hit", "unknown", "expired", "forbidden", "malformed")
+WRITE_PATHS = ("inline", "detached")
+END_STATES = ("done", "cancelled", "failed")
+# `http`: the original endpoint (resumes, a detached generation's first client).
+READER_PROTOCOLS = ("http", "sse", "ws", "grpc")
 
 
 class RelayMetrics:
@@ -127,8 +131,37 @@ class RelayMetrics:
             registry=r,
         )
         self._models: set[str] = set()
-        for outcome in RESUME_OUTCOMES:  # every outcome exists from the start, at 0
+        # Bounded label values exist from the start, at 0: dashboards show 0, not "no data",
+        # and rate() sees the first increment.
+        for outcome in RESUME_OUTCOMES:
             self.resumes.labels(outcome)
+        for path in WRITE_PATHS:
+            for metric in (
+                self.sessions_started,
+                self.sessions_active,
+                self.events,
+                self.event_bytes,
+            ):
+                metric.labels(path)
+            for state in END_STATES:
+                self.sessions_ended.labels(path, state)
+        for protocol in READER_PROTOCOLS:
+            for metric in (
+                self.readers_active,
+                self.reader_connects,
+                self.client_disconnects,
+                self.client_reconnects,
+                self.events_delivered,
+            ):
+                metric.labels(protocol)
+        self.client_disconnects.labels("inline")
+        for reason in ("evicted", "expired"):
+            self.store_drops.labels(reason)
+
+    def reader_wrote(self, protocol: str, events: int, lag: int) -> None:
+        """A reader was sent a batch: count it and how far behind the head it still is."""
+        self.events_delivered.labels(protocol).inc(events)
+        self.reader_lag.observe(lag)
 
     def count_tokens(self, model: str, prompt: int, completion: int) -> None:
         if model not in self._models:

@@ -57,13 +57,13 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
         try:
             cursor = self._cursor(request)
             log = cursor.log
-            lag = self._store.metrics.reader_lag
+            metrics = self._store.metrics
             with self._generations.reading(cursor, protocol="grpc"):
                 async for batch in cursor.batches():
                     first = cursor.seq - len(batch) + 1
                     for i, raw in enumerate(batch):
                         yield _event(log, first + i, raw)
-                    lag.observe(log.last_seq - cursor.seq)
+                    metrics.reader_wrote("grpc", len(batch), log.last_seq - cursor.seq)
             yield _end(log)
         except RelayError as error:  # the one mapping from the error tree to gRPC
             await context.abort(error.grpc_code, error.message)

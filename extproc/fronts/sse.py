@@ -114,14 +114,14 @@ def _stream_headers(log: SessionLog, content_type: str) -> dict[str, str]:
 async def stream_cursor(request: web.Request, cursor: Cursor) -> web.StreamResponse:
     """Original-endpoint semantics: the logged bytes, history then live, as the upstream sent."""
     log = cursor.log
-    lag = request.app[STORE_KEY].metrics.reader_lag
+    metrics = request.app[STORE_KEY].metrics
     with request.app[GENERATIONS_KEY].reading(cursor, protocol="http"):
         response = web.StreamResponse(headers=_stream_headers(log, log.content_type))
         await response.prepare(request)
         try:
             async for batch in cursor.batches():
                 await response.write(b"".join(batch))  # drains: the reader sets the pace
-                lag.observe(log.last_seq - cursor.seq)
+                metrics.reader_wrote("http", len(batch), log.last_seq - cursor.seq)
         except SessionGone as exc:
             await _cut(request, response, f"session gone: {exc.message}")
             return response
@@ -217,7 +217,7 @@ async def events(request: web.Request) -> web.StreamResponse:
         log = cursor.log
         if log.state is not EndState.OPEN and cursor.seq > log.last_seq:
             return web.Response(status=204)  # it saw relay.end: tells EventSource to stop
-        lag = request.app[STORE_KEY].metrics.reader_lag
+        metrics = request.app[STORE_KEY].metrics
         with request.app[GENERATIONS_KEY].reading(cursor, protocol="sse"):
             response = web.StreamResponse(headers=_stream_headers(log, "text/event-stream"))
             await response.prepare(request)
@@ -226,7 +226,7 @@ async def events(request: web.Request) -> web.StreamResponse:
                     first = cursor.seq - len(batch) + 1
                     out = b"".join(_sse_event(log, first + i, raw) for i, raw in enumerate(batch))
                     await response.write(out)
-                    lag.observe(log.last_seq - cursor.seq)
+                    metrics.reader_wrote("sse", len(batch), log.last_seq - cursor.seq)
             except SessionGone as exc:
                 await _cut(request, response, f"session gone: {exc.message}")
                 return response

@@ -13,7 +13,6 @@ import asyncio
 import json
 
 from aiohttp import WSCloseCode, web
-from prometheus_client import Histogram
 
 from extproc.errors import RelayError, SessionGone
 from extproc.framing import sse_data, sse_event_name
@@ -26,6 +25,7 @@ from extproc.fronts.sse import (
 )
 from extproc.ids import format_event_id
 from extproc.log import Cursor, SessionLog
+from extproc.metrics import RelayMetrics
 
 HEARTBEAT_S = 20.0  # ping period; a peer that misses the pong (half a period) is dropped
 MAX_CLIENT_MESSAGE_BYTES = 4096  # clients have nothing to say; a bigger message closes (1009)
@@ -46,7 +46,9 @@ def _event_message(log: SessionLog, seq: int, raw: bytes) -> str:
     return json.dumps(message, separators=(",", ":"))
 
 
-async def _send_log(ws: web.WebSocketResponse, cursor: Cursor, lag: Histogram) -> WSCloseCode:
+async def _send_log(
+    ws: web.WebSocketResponse, cursor: Cursor, metrics: RelayMetrics
+) -> WSCloseCode:
     """Every event after the cursor, then how the session ended; returns the close code."""
     log = cursor.log
     try:
@@ -54,7 +56,7 @@ async def _send_log(ws: web.WebSocketResponse, cursor: Cursor, lag: Histogram) -
             first = cursor.seq - len(batch) + 1
             for i, raw in enumerate(batch):
                 await ws.send_str(_event_message(log, first + i, raw))  # drains: reader's pace
-            lag.observe(log.last_seq - cursor.seq)
+            metrics.reader_wrote("ws", len(batch), log.last_seq - cursor.seq)
     except SessionGone as exc:
         await ws.send_json({"type": "error", "code": exc.code, "message": exc.message})
         return WSCloseCode.INTERNAL_ERROR
@@ -70,9 +72,9 @@ async def _until_peer_leaves(ws: web.WebSocketResponse) -> None:
         pass
 
 
-async def _serve(ws: web.WebSocketResponse, cursor: Cursor, lag: Histogram) -> None:
+async def _serve(ws: web.WebSocketResponse, cursor: Cursor, metrics: RelayMetrics) -> None:
     """Send the log and watch the peer; whichever ends first stops the other."""
-    sending = asyncio.create_task(_send_log(ws, cursor, lag))
+    sending = asyncio.create_task(_send_log(ws, cursor, metrics))
     watching = asyncio.create_task(_until_peer_leaves(ws))
     try:
         await asyncio.wait((sending, watching), return_when=asyncio.FIRST_COMPLETED)
@@ -97,7 +99,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         with request.app[GENERATIONS_KEY].reading(cursor, protocol="ws"):
             ws = web.WebSocketResponse(heartbeat=HEARTBEAT_S, max_msg_size=MAX_CLIENT_MESSAGE_BYTES)
             await ws.prepare(request)
-            await _serve(ws, cursor, request.app[STORE_KEY].metrics.reader_lag)
+            await _serve(ws, cursor, request.app[STORE_KEY].metrics)
             return ws
     except RelayError as error:  # only ever before the upgrade: _serve handles SessionGone
         return error_response(error)
