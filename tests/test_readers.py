@@ -26,7 +26,7 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import InvalidStatus
 
 from extproc.framing import SseFramer
-from extproc.fronts.ws import event_fields
+from extproc.fronts.cursors import event_fields
 from extproc.log import SessionLog, WritePath
 from extproc.proto.relay.v1 import relay_pb2_grpc
 from extproc.proto.relay.v1.relay_pb2 import SubscribeRequest

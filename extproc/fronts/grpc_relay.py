@@ -14,8 +14,7 @@ import grpc
 
 from extproc.detached import Generations
 from extproc.errors import MalformedEventId, RelayError
-from extproc.fronts.sse import open_cursor, resume_cursor
-from extproc.fronts.ws import event_fields
+from extproc.fronts.cursors import event_fields, open_cursor, resume_cursor
 from extproc.ids import EventId, format_event_id, is_session_id
 from extproc.log import Cursor, SessionLog
 from extproc.proto.relay.v1 import relay_pb2, relay_pb2_grpc

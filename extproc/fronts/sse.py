@@ -23,9 +23,9 @@ from extproc.errors import (
     RelayError,
     SessionConflict,
     SessionGone,
-    SessionNotFound,
 )
-from extproc.ids import EventId, format_event_id, is_session_id, parse_event_id
+from extproc.fronts.cursors import open_cursor, resume_cursor
+from extproc.ids import EventId, format_event_id, is_session_id
 from extproc.log import Cursor, EndState, SessionLog
 from extproc.processor import LAST_EVENT_ID_HEADER, SESSION_HEADER
 from extproc.store import MemoryStore
@@ -43,47 +43,6 @@ def error_response(error: RelayError) -> web.Response:
     return web.Response(
         status=error.http_status, body=error.json_body(), content_type="application/json"
     )
-
-
-def open_cursor(store: MemoryStore, event_id: EventId) -> Cursor:
-    """A cursor after `event_id`; the id must be one this session has already sent.
-
-    An ended session has one more id, `last_seq + 1`: that of the `relay.end` marker, after
-    which nothing is left."""
-    log = store.get(event_id.session)
-    ended = log.state is not EndState.OPEN and not log.gone_reason
-    if event_id.seq > log.last_seq and not (ended and event_id.seq == log.last_seq + 1):
-        if log.state is EndState.OPEN and not log.gone_reason:
-            raise MalformedEventId(f"event {event_id} has not been sent yet")
-        raise SessionGone(f"session {event_id.session} has no event {event_id.seq}")
-    return Cursor(log, event_id.seq)
-
-
-def resume_cursor(
-    store: MemoryStore, text: str, *, protocol: str, session_id: str | None = None
-) -> Cursor:
-    """A cursor for a client that came back with an event id; counts the outcome.
-
-    `session_id`, when the path already names the session, must match the id's session.
-    """
-    resumes = store.metrics.resumes
-    try:
-        event_id = parse_event_id(text)
-        if session_id is not None and event_id.session != session_id:
-            raise MalformedEventId("the event id belongs to another session")
-        cursor = open_cursor(store, event_id)
-    except MalformedEventId:
-        resumes.labels("malformed").inc()
-        raise
-    except SessionNotFound:
-        resumes.labels("unknown").inc()
-        raise
-    except SessionGone:
-        resumes.labels("expired").inc()
-        raise
-    resumes.labels("hit").inc()
-    store.metrics.client_reconnects.labels(protocol).inc()
-    return cursor
 
 
 def session_from_path(request: web.Request) -> str:

@@ -4,7 +4,6 @@ The reader is a Cursor (history, then live) counted by `Generations.reading`; ai
 drain is its only buffer. Errors found before the upgrade are the HTTP front's JSON errors;
 after it the stream ends with `{"type": "end"}` and close 1000, or `{"type": "error"}` and
 close 1011 if the store dropped the log. A client that leaves stops the reader at once.
-`event_fields` (a logged event as name and data) is shared with the gRPC front.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ import json
 from aiohttp import WSCloseCode, web
 
 from extproc.errors import RelayError, SessionGone
-from extproc.framing import sse_data, sse_event_name
+from extproc.fronts.cursors import event_fields
 from extproc.fronts.sse import (
     GENERATIONS_KEY,
     STORE_KEY,
@@ -29,14 +28,6 @@ from extproc.metrics import RelayMetrics
 
 HEARTBEAT_S = 20.0  # ping period; a peer that misses the pong (half a period) is dropped
 MAX_CLIENT_MESSAGE_BYTES = 4096  # clients have nothing to say; a bigger message closes (1009)
-
-
-def event_fields(log: SessionLog, raw: bytes) -> tuple[str | None, str]:
-    """A logged event for readers that get fields, not bytes: (SSE event name, data as the
-    WHATWG parser builds it). An NDJSON line has no name; its data is the line, no line end."""
-    if log.content_type.startswith("text/event-stream"):
-        return sse_event_name(raw), (sse_data(raw) or b"").decode("utf-8", "replace")
-    return None, raw.removesuffix(b"\n").removesuffix(b"\r").decode("utf-8", "replace")
 
 
 def _event_message(log: SessionLog, seq: int, raw: bytes) -> str:
