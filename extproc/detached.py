@@ -19,7 +19,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from extproc.errors import ConfigError, LimitExceeded
+from extproc.errors import ConfigError, LimitExceeded, UpstreamUnreachable
 from extproc.framing import framer_for
 from extproc.log import Cursor, EndState, SessionLog, WritePath
 from extproc.store import MemoryStore
@@ -174,10 +174,14 @@ class Generations:
     async def open(self, request: web.Request, path: str) -> aiohttp.ClientResponse:
         """Send the client's request upstream through Envoy's egress; return its response."""
         if not self.settings.egress_url:
-            raise web.HTTPServiceUnavailable(reason="detached path not configured")
-        body = await request.content.read(self.settings.max_request_bytes + 1)
-        if len(body) > self.settings.max_request_bytes:
-            raise LimitExceeded(f"request body larger than {self.settings.max_request_bytes} bytes")
+            raise UpstreamUnreachable("the detached path is not configured (no --egress-url)")
+        body = bytearray()
+        async for chunk in request.content.iter_any():  # the whole body, however it arrives
+            body += chunk
+            if len(body) > self.settings.max_request_bytes:
+                raise LimitExceeded(
+                    f"request body larger than {self.settings.max_request_bytes} bytes"
+                )
         headers = CIMultiDict(
             (k, v)
             for k, v in request.headers.items()
@@ -186,13 +190,12 @@ class Generations:
         )
         headers["Accept-Encoding"] = "identity"  # the framer needs the bytes as sent
         url = self.settings.egress_url.rstrip("/") + "/" + path
-        return await self._client().request(
-            request.method,
-            url,
-            params=request.query,
-            data=body,
-            headers=headers,
-        )
+        try:
+            return await self._client().request(
+                request.method, url, params=request.query, data=bytes(body), headers=headers
+            )
+        except (aiohttp.ClientError, OSError) as exc:
+            raise UpstreamUnreachable(f"upstream unreachable: {exc!r}") from exc
 
     def start(self, response: aiohttp.ClientResponse) -> SessionLog | None:
         """If the upstream answered with an event stream, log it in the background."""

@@ -6,6 +6,7 @@
     ├── SessionGone             410  NOT_FOUND          existed, but expired or evicted
     ├── SessionConflict         409  FAILED_PRECONDITION not possible in the session's state
     ├── LimitExceeded           429  RESOURCE_EXHAUSTED a documented limit was hit
+    ├── UpstreamUnreachable     502  UNAVAILABLE        the relay could not reach the LLM
     └── StoreUnavailable        503  UNAVAILABLE        the session store cannot be reached
 
 Each front (HTTP, gRPC) maps these once, at its edge; nothing else builds error responses.
@@ -64,6 +65,12 @@ class LimitExceeded(RelayError):
     http_status = 429
     grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
     code = "limit_exceeded"
+
+
+class UpstreamUnreachable(RelayError):
+    http_status = 502
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+    code = "upstream_unreachable"
 
 
 class StoreUnavailable(RelayError):

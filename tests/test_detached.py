@@ -219,3 +219,21 @@ def test_reader_limit_is_a_typed_429(tmp_path: Path) -> None:
             chunks.close()
     finally:
         stack.stop()
+
+
+def test_large_request_bodies_arrive_whole_and_the_limit_is_typed(tmp_path: Path) -> None:
+    stack = make_stack(tmp_path, relay_args=("--max-request-bytes", str(1 << 20)))
+    try:
+        words = 60_000  # ~400 KB of prompt: many TCP segments on the way to the relay
+        body = chat(max_tokens=3, prompt="word " * words, stream_options={"include_usage": True})
+        response = httpx.post(f"{stack.base_url}/v1/chat/completions", json=body, timeout=60)
+        assert response.status_code == 200
+        usage = [e for e in events_of(response.content) if b'"usage":{' in e]
+        assert len(usage) == 1
+        assert f'"prompt_tokens":{words}'.encode() in usage[0]  # the upstream saw all of it
+        too_big = chat(prompt="word " * 300_000)  # 1.5 MB > the 1 MiB limit
+        refused = httpx.post(f"{stack.base_url}/v1/chat/completions", json=too_big, timeout=60)
+        assert refused.status_code == 429
+        assert refused.json()["error"]["code"] == "limit_exceeded"
+    finally:
+        stack.stop()

@@ -116,17 +116,6 @@ async def detach(request: web.Request) -> web.StreamResponse:
         upstream = await generations.open(request, request.match_info["tail"])
     except RelayError as error:
         return error_response(error)
-    except (aiohttp.ClientError, OSError) as exc:
-        body = json.dumps(
-            {
-                "error": {
-                    "message": f"upstream unreachable: {exc!r}",
-                    "type": "relay_error",
-                    "code": "upstream_unreachable",
-                }
-            }
-        )
-        return web.Response(status=502, text=body, content_type="application/json")
     session = generations.start(upstream)
     if session is None:
         return await _pass_through(request, upstream)
