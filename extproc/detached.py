@@ -84,7 +84,9 @@ class Generations:
         self._running: dict[str, Generation] = {}
         self._readers: dict[str, int] = {}
         self._http: aiohttp.ClientSession | None = None
+        self._cursors: set[Cursor] = set()  # attached readers' positions, for the lag gauge
         store.metrics.generations_running.set_function(lambda: len(self._running))
+        store.metrics.reader_lag_max.set_function(self._max_lag)
 
     def readers(self, session_id: str) -> int:
         return self._readers.get(session_id, 0)
@@ -128,10 +130,13 @@ class Generations:
         start = cursor.seq if cursor is not None else 0
         if cursor is not None:
             metrics.replay_depth.observe(max(0, session.last_seq - start))
+            self._cursors.add(cursor)
         try:
             yield
         finally:
             metrics.readers_active.labels(protocol).dec()
+            if cursor is not None:
+                self._cursors.discard(cursor)
             if session.state is EndState.OPEN and not session.gone_reason:
                 metrics.client_disconnects.labels(protocol).inc()
             left = self._readers[session_id] - 1
@@ -140,6 +145,9 @@ class Generations:
             else:
                 del self._readers[session_id]
                 self._last_reader_left(session_id)
+
+    def _max_lag(self) -> int:
+        return max((c.log.last_seq - c.seq for c in self._cursors), default=0)
 
     def cancel(self, session_id: str, reason: str) -> bool:
         """Stop a running generation; False if none runs for this session."""

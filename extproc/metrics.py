@@ -99,6 +99,11 @@ class RelayMetrics:
             buckets=_COUNT_BUCKETS,
             registry=r,
         )
+        self.reader_lag_max = Gauge(
+            "relay_reader_lag_max_events",
+            "Events the furthest-behind attached reader still has to get (also a stuck one)",
+            registry=r,
+        )
         self.session_readers = Histogram(
             "relay_session_readers",
             "Most readers a session had at once (multicast fan-out), observed at its end",

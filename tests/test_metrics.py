@@ -75,3 +75,20 @@ def test_inline_processor_is_timed_per_phase(stack: Stack) -> None:
     assert value(after, name, phase="request_headers") > value(
         before, name, phase="request_headers"
     )
+
+
+def test_lag_gauge_sees_a_reader_that_is_not_being_written_to() -> None:
+    from extproc.detached import DetachSettings, Generations
+    from extproc.log import Cursor, WritePath
+    from extproc.store import MemoryStore
+
+    store = MemoryStore()
+    generations = Generations(store, DetachSettings(), max_frame_bytes=1 << 20)
+    log = store.create(content_type="text/event-stream", write_path=WritePath.INLINE)
+    store.append(log, [b"data: x\n\n"] * 10)
+    lag = store.metrics.reader_lag_max
+    with generations.reading(Cursor(log, 2), protocol="sse"):
+        with generations.reading(Cursor(log, 7), protocol="ws"):
+            assert lag.collect()[0].samples[0].value == 8  # the furthest behind counts
+        assert lag.collect()[0].samples[0].value == 8
+    assert lag.collect()[0].samples[0].value == 0  # nobody attached, nobody lagging
