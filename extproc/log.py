@@ -27,6 +27,9 @@ class WritePath(StrEnum):
     DETACHED = "detached"
 
 
+# A reader's write: at most this many events and about this many bytes.
+DEFAULT_BATCH_EVENTS = 256
+DEFAULT_BATCH_BYTES = 64 * 1024
 # Per-event bookkeeping that counts against the store's byte budget besides the payload.
 EVENT_OVERHEAD_BYTES = 64
 LOG_OVERHEAD_BYTES = 512
@@ -116,12 +119,20 @@ class SessionLog:
 class Cursor:
     """A reader's position on a log. Yields batches of event bytes, history first, then live."""
 
-    __slots__ = ("_log", "batch_limit", "seq")
+    __slots__ = ("_log", "batch_bytes", "batch_limit", "seq")
 
-    def __init__(self, log: SessionLog, after: int, *, batch_limit: int = 256) -> None:
+    def __init__(
+        self,
+        log: SessionLog,
+        after: int,
+        *,
+        batch_limit: int = DEFAULT_BATCH_EVENTS,
+        batch_bytes: int = DEFAULT_BATCH_BYTES,
+    ) -> None:
         self._log = log
         self.seq = after
         self.batch_limit = batch_limit
+        self.batch_bytes = batch_bytes
 
     @property
     def log(self) -> SessionLog:
@@ -133,9 +144,20 @@ class Cursor:
         while True:
             batch = log.events_after(self.seq, self.batch_limit)
             if batch:
+                batch = self._cap_bytes(batch)
                 self.seq += len(batch)
                 yield batch
                 continue
             if log.state is not EndState.OPEN:
                 return
             await log.wait_beyond(self.seq)
+
+    def _cap_bytes(self, batch: list[bytes]) -> list[bytes]:
+        """At most ~batch_bytes per write (at least one event), so a reader catching up
+        copies a bounded amount at a time, whatever its lag."""
+        size = 0
+        for count, raw in enumerate(batch, 1):
+            size += len(raw)
+            if size >= self.batch_bytes:
+                return batch[:count]
+        return batch

@@ -222,3 +222,13 @@ async def test_many_cursors_at_different_speeds_see_identical_sequences() -> Non
         results = await asyncio.gather(*readers, late)
     for got in results:
         assert got == expected
+
+
+async def test_cursor_batches_are_capped_by_bytes_but_never_empty() -> None:
+    log = SessionLog("s" * 22, content_type="text/event-stream", write_path=WritePath.INLINE)
+    for _ in range(10):
+        log.append(b"x" * 1000)
+    log.append(b"y" * 5000)  # an event bigger than the cap still goes out whole
+    log.end(EndState.DONE)
+    sizes = [len(batch) async for batch in Cursor(log, 0, batch_bytes=2500).batches()]
+    assert sizes == [3, 3, 3, 2]  # a batch ends with the event that reaches the cap
