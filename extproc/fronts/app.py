@@ -6,6 +6,11 @@ Envoy routes clients here (resumes, detached generations, reader endpoints); the
 
 from __future__ import annotations
 
+import mimetypes
+import re
+from importlib.resources import files
+from pathlib import Path
+
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -25,6 +30,33 @@ async def _metrics(request: web.Request) -> web.Response:
     )
 
 
+_DEMO_DIR = files("extproc") / "demo_page"
+_DEMO_FILE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
+# The JS client, straight from a checkout; a wheel may force-include it as demo_page/client.js.
+_JS_CLIENT = Path(__file__).resolve().parents[2] / "clients" / "js" / "src" / "index.js"
+
+
+async def _demo(request: web.Request) -> web.StreamResponse:
+    """The demo page (extproc/demo_page/) at /relay/v1/demo/, and the JS client as client.js."""
+    name = request.match_info["name"] or "index.html"
+    if _DEMO_FILE.fullmatch(name) is None:
+        raise web.HTTPNotFound()
+    path = Path(str(_DEMO_DIR / name))
+    if name == "client.js" and _JS_CLIENT.is_file():
+        path = _JS_CLIENT
+    if not path.is_file():
+        raise web.HTTPNotFound()
+    content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
+    if name.endswith(".js"):
+        content_type = "text/javascript"
+    return web.Response(
+        body=path.read_bytes(),
+        content_type=content_type,
+        charset="utf-8" if content_type.startswith("text/") else None,
+        headers={"Cache-Control": "no-cache"},
+    )
+
+
 def make_app(store: MemoryStore, generations: Generations) -> web.Application:
     app = web.Application()
     app[sse.STORE_KEY] = store
@@ -38,4 +70,5 @@ def make_app(store: MemoryStore, generations: Generations) -> web.Application:
     app.router.add_delete("/relay/v1/sessions/{session}", sse.cancel)
     app.router.add_get("/relay/v1/sessions/{session}/events", sse.events)
     app.router.add_get("/relay/v1/sessions/{session}/ws", ws.websocket)
+    app.router.add_get("/relay/v1/demo/{name:[^/]*}", _demo)
     return app
