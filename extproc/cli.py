@@ -266,6 +266,7 @@ def _up(args: argparse.Namespace) -> int:
         f"  base URL       {stack.base_url}        (OpenAI-compatible: {stack.base_url}/v1)\n"
         f"  Envoy admin    {stack.admin_url}\n"
         f"  relay metrics  {stack.metrics_url}\n"
+        f"  demo page      {stack.base_url}/relay/v1/demo/\n"
         f"  upstream       {stack.upstream_url}{'  (demo)' if args.demo else ''}\n"
         f"  logs           {stack.workdir}\n"
         f"Ctrl-C stops everything.",
