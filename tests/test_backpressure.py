@@ -20,7 +20,7 @@ import h2.events
 import httpx
 from conftest import envoy_stats, make_stack
 from test_detached import wait_for
-from test_e2e_inline import chat, events_of
+from test_e2e import chat, events_of
 
 from extproc.supervisor import Stack
 

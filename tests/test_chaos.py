@@ -18,7 +18,7 @@ import pytest
 from chaos_proxy import ChaosProxy, CutPlan
 from conftest import envoy_stats
 from httpx_sse import aconnect_sse
-from test_e2e_inline import chat, events_of
+from test_e2e import chat, events_of
 
 from extproc.supervisor import Stack
 

@@ -29,7 +29,7 @@ from test_chaos import (
     no_reuse_client,
     reference_events,
 )
-from test_e2e_inline import chat
+from test_e2e import chat
 
 from extproc.supervisor import Stack
 

@@ -31,7 +31,7 @@ from stream_relay_client import (
     stream_events,
 )
 from test_chaos import FAST, HEAD_BYTES_MAX, STREAM_BYTES, envoy_port, llm_calls
-from test_e2e_inline import chat
+from test_e2e import chat
 
 from extproc.supervisor import Stack
 

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from conftest import envoy_stats, make_stack, upstream_stats
 from httpx_sse import connect_sse
-from test_e2e_inline import chat, events_of
+from test_e2e import chat, events_of
 
 from extproc.supervisor import Stack
 

@@ -20,7 +20,7 @@ import httpx
 import pytest
 from chaos_proxy import ChaosProxy, CutPlan
 from test_chaos import envoy_port, no_reuse_client, reference_events
-from test_e2e_inline import chat, events_of
+from test_e2e import chat, events_of
 
 from extproc.supervisor import Stack
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 from test_detached import open_stream, read_events
-from test_e2e_inline import chat
+from test_e2e import chat
 
 from extproc.supervisor import Stack
 

@@ -26,7 +26,7 @@ import httpx
 import pytest
 from conftest import make_stack
 from test_detached import open_stream, read_events
-from test_e2e_inline import chat, events_of
+from test_e2e import chat, events_of
 
 from extproc.supervisor import Stack
 

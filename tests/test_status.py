@@ -12,7 +12,7 @@ import pytest
 from conftest import make_stack
 from httpx_sse import connect_sse
 from test_detached import open_stream, read_events
-from test_e2e_inline import chat, events_of
+from test_e2e import chat, events_of
 from test_observability import relay_value, wait_for
 
 from extproc.status import parse, render, summarize

@@ -1,4 +1,5 @@
-"""End to end through a real Envoy: tagging, pass-through, resume, errors, relay down."""
+"""End to end through a real Envoy, on both write paths: tagging, pass-through, resume, errors,
+relay down."""
 
 from __future__ import annotations
 
