@@ -24,7 +24,7 @@ LIVE_RATE = 20.0  # events/s of the generation that runs while status measures
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def status_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     running = make_stack(
         tmp_path_factory.mktemp("status"),
         relay_args=("--store-max-bytes", str(STORE_BYTES), "--detach-grace", "0.5"),
@@ -49,7 +49,8 @@ def post(stack: Stack, payload: dict[str, object], **headers: str) -> httpx.Resp
     )
 
 
-def test_status_shows_what_the_traffic_did(stack: Stack) -> None:
+def test_status_shows_what_the_traffic_did(status_stack: Stack) -> None:
+    stack = status_stack
     # Two large sessions: the second evicts the first from the 1 MiB store.
     big = chat(max_tokens=2400, prompt="large")
     evicted = post(stack, big, **{"x-demo-rate": "0"}).headers["x-relay-session"]
@@ -132,7 +133,8 @@ def test_status_of_an_unreachable_relay_is_one_line_and_status_1() -> None:
     assert "cannot read relay metrics at http://127.0.0.1:9/metrics" in result.stderr
 
 
-def test_status_refuses_what_is_not_a_relay(stack: Stack) -> None:
+def test_status_refuses_what_is_not_a_relay(status_stack: Stack) -> None:
+    stack = status_stack
     result = status("--metrics-url", f"{stack.admin_url}/stats/prometheus", "--interval", "0.1")
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
