@@ -30,13 +30,13 @@ log = logging.getLogger("stream_relay.detached")
 DEFAULT_GRACE_S = 30.0
 DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024
 DEFAULT_MAX_READERS_PER_SESSION = 1000
-# Hop-by-hop headers (RFC 9110 §7.6.1) and ones the relay or Envoy owns: never forwarded.
-_NOT_FORWARDED = frozenset(
-    {
-        "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
-        "upgrade", "host", "content-length", "accept-encoding", "last-event-id",
-    }
+# Hop-by-hop headers (RFC 9110 §7.6.1): they describe one connection, never the message.
+HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
+     "upgrade"}
 )  # fmt: skip
+# Also never sent upstream: what the relay's own client sets, or what asks for a resume.
+_NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "accept-encoding", "last-event-id"}
 
 
 @dataclass(frozen=True, kw_only=True)

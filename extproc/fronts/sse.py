@@ -17,7 +17,7 @@ import json
 import aiohttp
 from aiohttp import web
 
-from extproc.detached import Generations
+from extproc.detached import HOP_BY_HOP, Generations
 from extproc.errors import (
     MalformedEventId,
     RelayError,
@@ -32,10 +32,8 @@ from extproc.store import MemoryStore
 
 STORE_KEY = web.AppKey("store", MemoryStore)
 GENERATIONS_KEY = web.AppKey("generations", Generations)
-_HOP_BY_HOP = frozenset(
-    {"connection", "keep-alive", "transfer-encoding", "content-length", "te", "trailer",
-     "upgrade", "proxy-connection"}
-)  # fmt: skip
+# aiohttp frames the body itself, so the upstream's length goes with the hop-by-hop headers.
+_NOT_RELAYED = HOP_BY_HOP | {"content-length"}
 
 
 def error_response(error: RelayError) -> web.Response:
@@ -129,7 +127,7 @@ async def _pass_through(
     request: web.Request, upstream: aiohttp.ClientResponse
 ) -> web.StreamResponse:
     """Not an event stream (JSON, an error, binary): relay status, headers and bytes as-is."""
-    headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_BY_HOP}
+    headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _NOT_RELAYED}
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
     try:
         await response.prepare(request)
