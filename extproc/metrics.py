@@ -7,6 +7,8 @@ from upstream usage chunks, so they are capped: past MAX_MODELS distinct names, 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 MAX_MODELS = 64
@@ -20,6 +22,16 @@ WRITE_PATHS = ("inline", "detached")
 END_STATES = ("done", "cancelled", "failed")
 # `http`: the original endpoint (resumes, a detached generation's first client).
 READER_PROTOCOLS = ("http", "sse", "ws", "grpc")
+
+
+@dataclass(frozen=True)
+class AppendMetrics:
+    """One write path's per-append children, looked up once: appends are the hot path."""
+
+    events: Counter
+    event_bytes: Counter
+    first_event: Histogram
+    event_gap: Histogram
 
 
 class RelayMetrics:
@@ -140,6 +152,15 @@ class RelayMetrics:
         # and rate() sees the first increment.
         for outcome in RESUME_OUTCOMES:
             self.resumes.labels(outcome)
+        self.appends = {
+            path: AppendMetrics(
+                self.events.labels(path),
+                self.event_bytes.labels(path),
+                self.first_event.labels(path),
+                self.event_gap.labels(path),
+            )
+            for path in WRITE_PATHS
+        }
         for path in WRITE_PATHS:
             for metric in (
                 self.sessions_started,

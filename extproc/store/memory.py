@@ -118,11 +118,11 @@ class MemoryStore:
         """
         if log.gone_reason or log.state is not EndState.OPEN:
             return False
-        added = sum(len(raw) + EVENT_OVERHEAD_BYTES for raw in events)
-        if log.nbytes + added > self.limits.max_log_bytes:
+        payload = sum(len(raw) for raw in events)
+        if log.nbytes + payload + EVENT_OVERHEAD_BYTES * len(events) > self.limits.max_log_bytes:
             self.end(log, EndState.FAILED, "log_limit_exceeded")
             return False
-        self._observe_append(log, events)
+        self._observe_append(log, len(events), payload)
         for raw in events:
             log.append(raw)
         if self._logs.get(log.session_id) is log:  # a touch first: this append is its latest use
@@ -142,16 +142,16 @@ class MemoryStore:
         self._expiries.append((self._clock() + self.limits.ended_ttl_s, log))
         self._expire()
 
-    def _observe_append(self, log: SessionLog, events: list[bytes]) -> None:
-        path = log.write_path.value
+    def _observe_append(self, log: SessionLog, count: int, nbytes: int) -> None:
+        metrics = self.metrics.appends[log.write_path.value]
         now = time.monotonic()
         if log.last_seq == 0:
-            self.metrics.first_event.labels(path).observe(now - log.created_at)
+            metrics.first_event.observe(now - log.created_at)
         else:
-            self.metrics.event_gap.labels(path).observe(now - log.last_append_at)
+            metrics.event_gap.observe(now - log.last_append_at)
         log.last_append_at = now
-        self.metrics.events.labels(path).inc(len(events))
-        self.metrics.event_bytes.labels(path).inc(sum(len(raw) for raw in events))
+        metrics.events.inc(count)
+        metrics.event_bytes.inc(nbytes)
 
     def _expire(self) -> None:
         now = self._clock()
