@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import urllib.request
 from collections.abc import Iterator
@@ -54,6 +55,25 @@ def own_stack(tmp_path: Path) -> Iterator[Stack]:
     running = make_stack(tmp_path)
     yield running
     running.stop()
+
+
+async def run_to_end(*argv: str, kill_after_s: float) -> tuple[int, bytes, bytes]:
+    """Run a child process to its end; kill it if it is still running after `kill_after_s`."""
+    process = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(kill_after_s):
+            out, err = await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode is not None
+    return process.returncode, out, err
 
 
 def get_json(url: str) -> dict[str, object]:

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from chaos_proxy import ChaosProxy, CutPlan
+from conftest import run_to_end
 from test_chaos import (
     CUT_ERRORS,
     HEAD_BYTES_MAX,
@@ -57,25 +58,10 @@ class Run:
 
 
 async def run_e2e(node: str, *args: str) -> Run:
-    process = await asyncio.create_subprocess_exec(
-        node,
-        str(E2E),
-        *args,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        async with asyncio.timeout(SCRIPT_TIMEOUT_S):
-            out, err = await process.communicate()
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    assert process.returncode is not None
+    returncode, out, err = await run_to_end(node, str(E2E), *args, kill_after_s=SCRIPT_TIMEOUT_S)
     lines = out.decode().splitlines()
     assert len(lines) == 1, f"expected one JSON line, got {out!r}; stderr: {err.decode()}"
-    return Run(process.returncode, json.loads(lines[0]), err.decode())
+    return Run(returncode, json.loads(lines[0]), err.decode())
 
 
 def text_of(data: list[str]) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 from chaos_proxy import ChaosProxy, CutPlan
+from conftest import run_to_end
 from test_chaos import envoy_port, no_reuse_client, reference_events
 from test_e2e import chat, events_of
 
@@ -71,27 +72,11 @@ class ReaderRun:
 
 
 async def run_reader(node: Node, url: str, *extra: str) -> ReaderRun:
-    process = await asyncio.create_subprocess_exec(
-        node.node,
-        str(node.reader),
-        url,
-        "--timeout-ms",
-        str((READER_TIMEOUT_S - 5) * 1000),
-        *extra,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        async with asyncio.timeout(READER_TIMEOUT_S):
-            out, err = await process.communicate()
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    assert process.returncode is not None
+    timeout_ms = str((READER_TIMEOUT_S - 5) * 1000)
+    argv = (node.node, str(node.reader), url, "--timeout-ms", timeout_ms, *extra)
+    returncode, out, err = await run_to_end(*argv, kill_after_s=READER_TIMEOUT_S)
     lines = [json.loads(line) for line in out.decode().splitlines()]
-    return ReaderRun(process.returncode, lines, err.decode())
+    return ReaderRun(returncode, lines, err.decode())
 
 
 async def sse_reconnects(stack: Stack) -> float:
