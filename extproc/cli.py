@@ -26,7 +26,7 @@ from extproc.envoy_config import WRITE_PATHS, EnvoyPorts, Upstream, render
 from extproc.errors import ConfigError
 from extproc.framing import DEFAULT_MAX_FRAME_BYTES
 from extproc.status import DEFAULT_INTERVAL_S, DEFAULT_METRICS_URL
-from extproc.store import StoreLimits
+from extproc.store import DEFAULT_LEASE_S, RedisSettings, StoreLimits
 from extproc.store.memory import DEFAULT_ENDED_TTL_S, DEFAULT_MAX_BYTES, DEFAULT_MAX_LOG_BYTES
 
 USAGE_ERROR = 2
@@ -63,6 +63,20 @@ def _positive(kind: type[int] | type[float]) -> argparse._ActionType:
 
 def _add_store_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("session log")
+    group.add_argument(
+        "--store",
+        default="memory",
+        metavar="URL",
+        help="where session logs live: memory (this node only; default) or "
+        "redis://host:port/db (Redis or Valkey Streams, shared by every node using it)",
+    )
+    group.add_argument(
+        "--node-lease",
+        type=_positive(float),
+        default=DEFAULT_LEASE_S,
+        help="with Redis: seconds after which a silent node's open sessions end failed "
+        f"(default {DEFAULT_LEASE_S:g})",
+    )
     group.add_argument(
         "--store-max-bytes",
         type=_positive(int),
@@ -124,6 +138,8 @@ def _non_negative(text: str) -> float:
 def _relay_argv(args: argparse.Namespace) -> list[str]:
     """The `up` flags that configure the relay node, passed on to its `serve` process."""
     flags = {
+        "--store": args.store,
+        "--node-lease": args.node_lease,
         "--store-max-bytes": args.store_max_bytes,
         "--session-max-bytes": args.session_max_bytes,
         "--session-ttl": args.session_ttl,
@@ -147,6 +163,8 @@ def _node_settings(args: argparse.Namespace) -> NodeSettings:
         http_port=args.http_port,
         max_frame_bytes=args.max_event_bytes,
         store=limits,
+        store_url=args.store,
+        lease_s=args.node_lease,
         detach=DetachSettings(
             egress_url=args.egress_url,
             grace_s=args.detach_grace,
@@ -186,6 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=WRITE_PATHS,
         default="detached",
         help="generation calls: detached (survive disconnects; default) or inline",
+    )
+    up.add_argument(
+        "--nodes",
+        type=_positive(int),
+        default=1,
+        help="relay node processes behind Envoy (more than 1 needs --store redis://...)",
     )
     _add_store_flags(up)
     _add_detach_flags(up)
@@ -242,11 +266,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _store_label(url: str) -> str:
+    if url == "memory":
+        return "memory (this node only)"
+    return f"{RedisSettings(url=url).display_url} (shared)"
+
+
 def _up(args: argparse.Namespace) -> int:
     from extproc.supervisor import StackOptions, StartupError, run_until_signalled, start_stack
 
     if args.upstream is not None:
         Upstream.from_url(args.upstream)  # fail fast, before starting anything
+    if args.store != "memory":
+        RedisSettings(url=args.store, lease_s=args.node_lease)
+    elif args.nodes > 1:
+        raise ConfigError("--nodes above 1 needs a shared store: --store redis://host:port/db")
     options = StackOptions(
         port=args.port,
         admin_port=args.admin_port,
@@ -255,6 +289,7 @@ def _up(args: argparse.Namespace) -> int:
         demo_rate=args.demo_rate,
         write_path=args.write_path,
         relay_args=_relay_argv(args),
+        nodes=args.nodes,
     )
     try:
         stack = start_stack(options)
@@ -265,7 +300,8 @@ def _up(args: argparse.Namespace) -> int:
         f"stream-relay is up\n"
         f"  base URL       {stack.base_url}        (OpenAI-compatible: {stack.base_url}/v1)\n"
         f"  Envoy admin    {stack.admin_url}\n"
-        f"  relay metrics  {stack.metrics_url}\n"
+        + "".join(f"  relay metrics  {url}/metrics\n" for url in stack.relay_http_urls)
+        + f"  session store  {_store_label(args.store)}\n"
         f"  demo page      {stack.base_url}/relay/v1/demo/\n"
         f"  upstream       {stack.upstream_url}{'  (demo)' if args.demo else ''}\n"
         f"  logs           {stack.workdir}\n"

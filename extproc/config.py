@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from extproc.detached import DetachSettings
 from extproc.errors import ConfigError
 from extproc.framing import DEFAULT_MAX_FRAME_BYTES
-from extproc.store import StoreLimits
+from extproc.store import DEFAULT_LEASE_S, RedisSettings, StoreLimits
 
 DEFAULT_HOST = "127.0.0.1"
 MAX_PORT = 65535
@@ -20,6 +20,8 @@ class NodeSettings:
     http_port: int = 0  # resumes, reader endpoints, /metrics, /healthz
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES  # largest upstream event we frame
     store: StoreLimits = field(default_factory=StoreLimits)
+    store_url: str = "memory"  # or redis://host:port/db: sessions shared by several nodes
+    lease_s: float = DEFAULT_LEASE_S  # with Redis: a node silent this long is dead
     detach: DetachSettings = field(default_factory=DetachSettings)
 
     def __post_init__(self) -> None:
@@ -27,5 +29,7 @@ class NodeSettings:
             port = getattr(self, name)
             if not 0 <= port <= MAX_PORT:
                 raise ConfigError(f"{name.replace('_', '-')} must be 0..{MAX_PORT}, got {port}")
+        if self.store_url != "memory":
+            RedisSettings(url=self.store_url, lease_s=self.lease_s)  # validates both
         if self.max_frame_bytes < 1024:
             raise ConfigError(f"max event bytes must be at least 1024, got {self.max_frame_bytes}")

@@ -22,7 +22,7 @@ from multidict import CIMultiDict
 from extproc.errors import ConfigError, LimitExceeded, UpstreamUnreachable
 from extproc.framing import framer_for
 from extproc.log import Cursor, EndState, SessionLog, WritePath
-from extproc.store import MemoryStore
+from extproc.store import SessionStore
 from extproc.writer import SessionWriter
 
 log = logging.getLogger("stream_relay.detached")
@@ -60,12 +60,13 @@ class DetachSettings:
 class Generation:
     """One upstream call that the relay makes and owns."""
 
-    __slots__ = ("grace_timer", "log", "task")
+    __slots__ = ("grace_check", "grace_timer", "log", "task")
 
     def __init__(self, log: SessionLog, task: asyncio.Task[None]) -> None:
         self.log = log
         self.task = task
         self.grace_timer: asyncio.TimerHandle | None = None
+        self.grace_check: asyncio.Task[None] | None = None  # asking other nodes for readers
 
 
 class Generations:
@@ -73,7 +74,7 @@ class Generations:
 
     def __init__(
         self,
-        store: MemoryStore,
+        store: SessionStore,
         settings: DetachSettings,
         *,
         max_frame_bytes: int,
@@ -85,6 +86,8 @@ class Generations:
         self._readers: dict[str, int] = {}
         self._http: aiohttp.ClientSession | None = None
         self._cursors: set[Cursor] = set()  # attached readers' positions, for the lag gauge
+        store.on_cancel = lambda session_id: self.cancel(session_id, "cancelled by owner")
+        store.reading_sessions = self._readers.keys
         store.metrics.generations_running.set_function(lambda: len(self._running))
         store.metrics.reader_lag_max.set_function(self._max_lag)
 
@@ -119,6 +122,8 @@ class Generations:
                 f"(limit {self.settings.max_readers_per_session})"
             )
         self._readers[session_id] = count + 1
+        if not count:
+            self._store.reader_attached(session_id)
         session.peak_readers = max(session.peak_readers, count + 1)
         generation = self._running.get(session_id)
         if generation is not None and generation.grace_timer is not None:
@@ -167,6 +172,19 @@ class Generations:
         )
 
     def _grace_over(self, session_id: str) -> None:
+        generation = self._running.get(session_id)
+        if generation is not None:
+            generation.grace_timer = None
+            generation.grace_check = asyncio.create_task(self._grace_check(session_id))
+
+    async def _grace_check(self, session_id: str) -> None:
+        """The grace is over here; readers on other nodes (a shared store) still count."""
+        if await self._store.remote_readers(session_id):
+            if session_id not in self._readers:
+                self._last_reader_left(session_id)  # look again after another grace
+            return
+        if session_id in self._readers:  # a reader came back while we asked
+            return
         if self.cancel(session_id, f"no reader for {self.settings.grace_s:g}s"):
             self._store.metrics.grace_cancellations.inc()
 

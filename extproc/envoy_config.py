@@ -69,9 +69,22 @@ class EnvoyPorts:
     relay_grpc_port: int
     relay_http_port: int
     egress_port: int = 10001  # loopback listener for the relay's own upstream calls
+    more_relays: tuple[tuple[int, int], ...] = ()  # further nodes: (grpc port, http port)
+
+    @property
+    def relays(self) -> tuple[tuple[int, int], ...]:
+        return ((self.relay_grpc_port, self.relay_http_port), *self.more_relays)
 
 
 WRITE_PATHS = ("detached", "inline")
+_ENDPOINT = """\
+        - endpoint:
+            address:
+              socket_address: {{ address: {host}, port_value: {port} }}"""
+
+
+def _endpoints(host: str, ports: list[int]) -> str:
+    return "\n".join(_ENDPOINT.format(host=host, port=port) for port in ports)
 
 
 def template_text() -> str:
@@ -91,9 +104,8 @@ def render(ports: EnvoyPorts, upstream: Upstream, *, write_path: str = "detached
         ADMIN_PORT=ports.admin_port,
         LISTEN_ADDRESS=ports.listen_address,
         LISTEN_PORT=ports.listen_port,
-        RELAY_HOST=ports.relay_host,
-        RELAY_GRPC_PORT=ports.relay_grpc_port,
-        RELAY_HTTP_PORT=ports.relay_http_port,
+        RELAY_GRPC_ENDPOINTS=_endpoints(ports.relay_host, [g for g, _ in ports.relays]),
+        RELAY_HTTP_ENDPOINTS=_endpoints(ports.relay_host, [h for _, h in ports.relays]),
         LLM_HOST=upstream.host,
         LLM_PORT=upstream.port,
         LLM_DISCOVERY="STATIC" if upstream.is_ip else "STRICT_DNS",

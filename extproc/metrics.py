@@ -22,6 +22,7 @@ WRITE_PATHS = ("inline", "detached")
 END_STATES = ("done", "cancelled", "failed")
 # `http`: the original endpoint (resumes, a detached generation's first client).
 READER_PROTOCOLS = ("http", "sse", "ws", "grpc")
+STORE_OPS = ("sync", "lookup", "follow", "heartbeat", "cancel")  # shared-store calls
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,27 @@ class RelayMetrics:
             ["reason"],
             registry=r,
         )
+        self.store_up = Gauge(
+            "relay_store_up",
+            "1 while the session store answers (always 1 for the memory store)",
+            registry=r,
+        )
+        self.store_errors = Counter(
+            "relay_store_errors_total",
+            "Failed calls to a shared store, by operation",
+            ["op"],
+            registry=r,
+        )
+        self.replication_pending = Gauge(
+            "relay_replication_pending_sessions",
+            "Sessions of this node not yet fully copied to the shared store",
+            registry=r,
+        )
+        self.producers_lost = Counter(
+            "relay_producer_lost_total",
+            "Sessions ended failed because the node writing them stopped renewing its lease",
+            registry=r,
+        )
         self.grace_cancellations = Counter(
             "relay_generation_grace_cancellations_total",
             "Detached generations cancelled because no reader came back within the grace",
@@ -183,6 +205,9 @@ class RelayMetrics:
         self.client_disconnects.labels("inline")
         for reason in ("evicted", "expired"):
             self.store_drops.labels(reason)
+        for op in STORE_OPS:
+            self.store_errors.labels(op)
+        self.store_up.set(1)
 
     def reader_wrote(self, protocol: str, events: int, lag: int) -> None:
         """A reader was sent a batch: count it and how far behind the head it still is."""

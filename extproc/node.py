@@ -1,7 +1,8 @@
 """The relay node process: the ext_proc gRPC server and the HTTP front on one event loop.
 
-Both share one session store. Ports may be 0 (the OS picks); the bound ports are written to
-a ports file once the node is ready so a supervisor never races on a guessed port.
+Both share one session store (in memory, or Redis shared with other nodes). Ports may be 0
+(the OS picks); the bound ports are written to a ports file once the node is ready, so a
+supervisor never races on a guessed port.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from extproc.detached import Generations
 from extproc.fronts import grpc_relay
 from extproc.fronts.app import make_app
 from extproc.metrics import RelayMetrics
-from extproc.store import MemoryStore
+from extproc.store import SessionStore, open_store
 
 log = logging.getLogger("stream_relay.node")
 GRACE_S = 5.0
@@ -38,20 +39,24 @@ class RunningNode:
     http_runner: web.AppRunner
     grpc_port: int
     http_port: int
-    store: MemoryStore
+    store: SessionStore
     generations: Generations
 
     async def stop(self, grace: float = GRACE_S) -> None:
         await self.grpc_server.stop(grace)
         await self.generations.close()
         await self.http_runner.cleanup()
+        await self.store.close()  # last: ended generations are copied to a shared store
 
 
 async def start_node(settings: NodeSettings) -> RunningNode:
     registry = CollectorRegistry()
     for collector in (ProcessCollector, PlatformCollector, GCCollector):
         collector(registry=registry)  # process CPU, memory, fds, GC: next to the relay's own
-    store = MemoryStore(settings.store, metrics=RelayMetrics(registry))
+    store = open_store(
+        settings.store_url, settings.store, lease_s=settings.lease_s, metrics=RelayMetrics(registry)
+    )
+    await store.start()
     generations = Generations(store, settings.detach, max_frame_bytes=settings.max_frame_bytes)
     server = grpc.aio.server()
     service.add_to_server(

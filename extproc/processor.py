@@ -25,7 +25,7 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
 
 from extproc.framing import framer_for
 from extproc.log import EndState, SessionLog, WritePath
-from extproc.store import MemoryStore
+from extproc.store import SessionStore
 from extproc.writer import SessionWriter
 
 SESSION_HEADER = "x-relay-session"
@@ -87,7 +87,7 @@ class StreamProcessor:
 
     __slots__ = ("_max_frame_bytes", "_rerouted", "_store", "_writer", "detach")
 
-    def __init__(self, store: MemoryStore, *, max_frame_bytes: int, detach: bool = False) -> None:
+    def __init__(self, store: SessionStore, *, max_frame_bytes: int, detach: bool = False) -> None:
         self._store = store
         self._max_frame_bytes = max_frame_bytes
         self._writer: SessionWriter | None = None

@@ -15,11 +15,11 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest, 
 
 from extproc.log import EndState
 from extproc.processor import WRITE_PATH_METADATA, StreamProcessor
-from extproc.store import MemoryStore
+from extproc.store import SessionStore
 
 
 class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):  # type: ignore[misc]
-    def __init__(self, store: MemoryStore, *, max_frame_bytes: int) -> None:
+    def __init__(self, store: SessionStore, *, max_frame_bytes: int) -> None:
         self._store = store
         self._max_frame_bytes = max_frame_bytes
 

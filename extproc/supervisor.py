@@ -78,7 +78,8 @@ class StackOptions:
     upstream: str | None = None  # None: run the demo upstream
     demo_rate: float = 50.0
     write_path: str = "detached"  # for generation routes: "detached" or "inline"
-    relay_args: Sequence[str] = ()
+    relay_args: Sequence[str] = ()  # `serve` flags for every node, e.g. --store redis://...
+    nodes: int = 1  # relay processes behind Envoy; more than one needs a shared store
     envoy_log_level: str = "warning"
 
 
@@ -92,7 +93,8 @@ class Stack:
     admin_url: str = ""
     metrics_url: str = ""
     upstream_url: str = ""
-    relay_http_url: str = ""
+    relay_http_url: str = ""  # the first relay node's HTTP front (and metrics below)
+    relay_http_urls: list[str] = field(default_factory=list)  # every node's, in start order
     egress_url: str = ""
 
     def spawn(self, name: str, argv: list[str]) -> Child:
@@ -216,22 +218,9 @@ def _start(stack: Stack, options: StackOptions) -> None:
 
     egress_port = _free_port()
     stack.egress_url = f"http://127.0.0.1:{egress_port}"
-    relay_ports_file = stack.workdir / "relay.ports"
-    relay = stack.spawn(
-        "relay",
-        _python_child(
-            "serve",
-            *("--grpc-port", "0", "--http-port", "0"),
-            *("--egress-url", stack.egress_url),
-            *("--ports-file", str(relay_ports_file)),
-            *options.relay_args,
-        ),
-    )
-    _wait_until("its ports file", relay, lambda: _read_ports(relay_ports_file) is not None)
-    relay_ports = _read_ports(relay_ports_file) or {}
-    stack.relay_http_url = f"http://{host}:{relay_ports['http_port']}"
+    relays = [_start_relay(stack, options, index) for index in range(options.nodes)]
+    stack.relay_http_url = stack.relay_http_urls[0]
     stack.metrics_url = f"{stack.relay_http_url}/metrics"
-    _wait_until("healthy", relay, lambda: _http_ok(f"{stack.relay_http_url}/healthz"))
 
     config_path = stack.workdir / "envoy.yaml"
     config_path.write_text(
@@ -240,8 +229,9 @@ def _start(stack: Stack, options: StackOptions) -> None:
                 listen_address=options.listen_address,
                 listen_port=options.port,
                 admin_port=options.admin_port,
-                relay_grpc_port=relay_ports["grpc_port"],
-                relay_http_port=relay_ports["http_port"],
+                relay_grpc_port=relays[0][0],
+                relay_http_port=relays[0][1],
+                more_relays=tuple(relays[1:]),
                 egress_port=egress_port,
             ),
             upstream,
@@ -274,6 +264,28 @@ def _start(stack: Stack, options: StackOptions) -> None:
         raise StartupError("envoy is ready but reports no 'public' listener")
     public_host = "127.0.0.1" if options.listen_address in ("0.0.0.0", "::") else host
     stack.base_url = f"http://{public_host}:{port}"
+
+
+def _start_relay(stack: Stack, options: StackOptions, index: int) -> tuple[int, int]:
+    """Start relay node `index` (named relay, relay-2, ...); return its (grpc, http) ports."""
+    name = "relay" if index == 0 else f"relay-{index + 1}"
+    ports_file = stack.workdir / f"{name}.ports"
+    relay = stack.spawn(
+        name,
+        _python_child(
+            "serve",
+            *("--grpc-port", "0", "--http-port", "0"),
+            *("--egress-url", stack.egress_url),
+            *("--ports-file", str(ports_file)),
+            *options.relay_args,
+        ),
+    )
+    _wait_until("its ports file", relay, lambda: _read_ports(ports_file) is not None)
+    ports = _read_ports(ports_file) or {}
+    http_url = f"http://127.0.0.1:{ports['http_port']}"
+    _wait_until("healthy", relay, lambda: _http_ok(f"{http_url}/healthz"))
+    stack.relay_http_urls.append(http_url)
+    return ports["grpc_port"], ports["http_port"]
 
 
 def run_until_signalled(stack: Stack, *, print_fn: Callable[[str], None] = print) -> int:

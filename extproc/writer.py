@@ -12,13 +12,13 @@ import json
 from extproc.framing import Frame, FrameTooLarge, NdjsonFramer, SseFramer, sse_data, tag_sse
 from extproc.ids import format_event_id
 from extproc.log import EndState, SessionLog
-from extproc.store import MemoryStore
+from extproc.store import SessionStore
 
 
 class SessionWriter:
     __slots__ = ("_framer", "_store", "_tag", "log")
 
-    def __init__(self, store: MemoryStore, log: SessionLog, framer: SseFramer | NdjsonFramer):
+    def __init__(self, store: SessionStore, log: SessionLog, framer: SseFramer | NdjsonFramer):
         self._store = store
         self.log = log
         self._framer: SseFramer | NdjsonFramer | None = framer

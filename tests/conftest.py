@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from redis_server import RedisServer
 
 from extproc.supervisor import Stack, StackOptions, start_stack
 
@@ -17,7 +18,11 @@ TEST_DEMO_RATE = 400.0  # events/s: fast enough for a quick suite, slow enough t
 
 
 def make_stack(
-    tmp_path: Path, *, write_path: str = "detached", relay_args: tuple[str, ...] = ()
+    tmp_path: Path,
+    *,
+    write_path: str = "detached",
+    relay_args: tuple[str, ...] = (),
+    nodes: int = 1,
 ) -> Stack:
     options = StackOptions(
         port=0,
@@ -25,6 +30,7 @@ def make_stack(
         demo_rate=TEST_DEMO_RATE,
         write_path=write_path,
         relay_args=relay_args,
+        nodes=nodes,
     )
     return start_stack(options, workdir=tmp_path)
 
@@ -90,3 +96,22 @@ def envoy_stats(stack: Stack) -> dict[str, int]:
 
 def upstream_stats(stack: Stack) -> dict[str, int]:
     return {k: int(v) for k, v in get_json(f"{stack.upstream_url}/demo/stats").items()}  # type: ignore[call-overload]
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test's own, persisting to its tmp dir (restarts keep data)."""
+    server = RedisServer(tmp_path / "redis", persist=True)
+    server.workdir.mkdir()
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture(scope="session")
+def shared_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One redis-server for the session-scoped stacks that run on the Redis store."""
+    server = RedisServer(tmp_path_factory.mktemp("shared-redis"))
+    server.start()
+    yield server
+    server.kill()

@@ -163,9 +163,11 @@ def test_ports_and_hosts_agree_with_the_envoy_config(
     assert f":{relay_http['port_value']}/healthz" in " ".join(
         services["relay"]["healthcheck"]["test"]
     )
-    assert published(services["relay"]) == {
-        relay_http["port_value"]: f"127.0.0.1:{relay_http['port_value']}"
-    }
+    replicas = services["relay"]["deploy"]["replicas"]
+    assert replicas >= 2 and relay["store"].startswith("redis://redis:")
+    assert "redis" in services and "redis" in services["relay"]["depends_on"]
+    first = relay_http["port_value"]  # one host port per replica, on loopback
+    assert published(services["relay"]) == {first: f"127.0.0.1:{first}-{first + replicas - 1}"}
 
     upstream = flags(services["demo-upstream"]["command"])
     assert llm["address"] in services
@@ -192,7 +194,8 @@ def test_prometheus_scrapes_the_relay_and_envoy_admin(
     assert {name: job["metrics_path"] for name, job in jobs.items()} == SCRAPE_JOBS
     relay_http = socket_address(envoy_config, cluster="relay_http")
     admin = envoy_config["admin"]["address"]["socket_address"]
-    assert jobs["relay"]["static_configs"][0]["targets"] == [f"relay:{relay_http['port_value']}"]
+    relay_sd = {"names": ["relay"], "type": "A", "port": relay_http["port_value"]}
+    assert jobs["relay"]["dns_sd_configs"] == [relay_sd]  # every replica
     assert jobs["envoy"]["static_configs"][0]["targets"] == [f"envoy:{admin['port_value']}"]
 
 

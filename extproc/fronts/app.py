@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from extproc.detached import Generations
 from extproc.fronts import sse, ws
-from extproc.store import MemoryStore
+from extproc.store import SessionStore
 
 
 async def _health(request: web.Request) -> web.Response:
@@ -57,7 +57,7 @@ async def _demo(request: web.Request) -> web.StreamResponse:
     )
 
 
-def make_app(store: MemoryStore, generations: Generations) -> web.Application:
+def make_app(store: SessionStore, generations: Generations) -> web.Application:
     app = web.Application()
     app[sse.STORE_KEY] = store
     app[sse.GENERATIONS_KEY] = generations

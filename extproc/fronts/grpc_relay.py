@@ -19,7 +19,7 @@ from extproc.ids import EventId, format_event_id, is_session_id
 from extproc.log import Cursor, SessionLog
 from extproc.proto.relay.v1 import relay_pb2, relay_pb2_grpc
 from extproc.proto.relay.v1.relay_pb2 import End, Event, SubscribeRequest, SubscribeResponse
-from extproc.store import MemoryStore
+from extproc.store import SessionStore
 
 SERVICE_NAME = relay_pb2.DESCRIPTOR.services_by_name["Relay"].full_name  # for reflection
 _Context = grpc.aio.ServicerContext[SubscribeRequest, SubscribeResponse]
@@ -38,23 +38,25 @@ def _end(log: SessionLog) -> SubscribeResponse:
 
 
 class RelayServicer(relay_pb2_grpc.RelayServicer):
-    def __init__(self, store: MemoryStore, generations: Generations) -> None:
+    def __init__(self, store: SessionStore, generations: Generations) -> None:
         self._store = store
         self._generations = generations
 
-    def _cursor(self, request: SubscribeRequest) -> Cursor:
+    async def _cursor(self, request: SubscribeRequest) -> Cursor:
         if request.after:  # `session` may be left empty: the id names it
             session = request.session or None
-            return resume_cursor(self._store, request.after, protocol="grpc", session_id=session)
+            return await resume_cursor(
+                self._store, request.after, protocol="grpc", session_id=session
+            )
         if not is_session_id(request.session):
             raise MalformedEventId("session ids are 22 URL-safe characters")
-        return open_cursor(self._store, EventId(request.session, 0))  # a new reader
+        return await open_cursor(self._store, EventId(request.session, 0))  # a new reader
 
     async def Subscribe(
         self, request: SubscribeRequest, context: _Context
     ) -> AsyncIterator[SubscribeResponse]:
         try:
-            cursor = self._cursor(request)
+            cursor = await self._cursor(request)
             log = cursor.log
             metrics = self._store.metrics
             with self._generations.reading(cursor, protocol="grpc"):

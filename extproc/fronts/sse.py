@@ -12,6 +12,8 @@ never passed off as complete there: the response is cut, which every HTTP client
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 
 import aiohttp
@@ -26,14 +28,15 @@ from extproc.errors import (
 )
 from extproc.fronts.cursors import open_cursor, resume_cursor
 from extproc.ids import EventId, format_event_id, is_session_id
-from extproc.log import Cursor, EndState, SessionLog
+from extproc.log import Cursor, EndState, SessionLog, WritePath
 from extproc.processor import LAST_EVENT_ID_HEADER, SESSION_HEADER
-from extproc.store import MemoryStore
+from extproc.store import SessionStore
 
-STORE_KEY = web.AppKey("store", MemoryStore)
+STORE_KEY = web.AppKey("store", SessionStore)
 GENERATIONS_KEY = web.AppKey("generations", Generations)
 # aiohttp frames the body itself, so the upstream's length goes with the hop-by-hop headers.
 _NOT_RELAYED = HOP_BY_HOP | {"content-length"}
+CANCEL_WAIT_S = 5.0  # a cancel sent to another node: how long DELETE waits for its end
 
 
 def error_response(error: RelayError) -> web.Response:
@@ -50,13 +53,13 @@ def session_from_path(request: web.Request) -> str:
     return session_id
 
 
-def reader_cursor(request: web.Request, session_id: str, *, protocol: str = "sse") -> Cursor:
+async def reader_cursor(request: web.Request, session_id: str, *, protocol: str = "sse") -> Cursor:
     """Where a reader starts: `Last-Event-ID` (an EventSource reconnecting), else `?after=`."""
     store = request.app[STORE_KEY]
     text = request.headers.get(LAST_EVENT_ID_HEADER) or request.query.get("after")
     if text:
-        return resume_cursor(store, text, protocol=protocol, session_id=session_id)
-    return open_cursor(store, EventId(session_id, 0))  # a new reader, not a resume
+        return await resume_cursor(store, text, protocol=protocol, session_id=session_id)
+    return await open_cursor(store, EventId(session_id, 0))  # a new reader, not a resume
 
 
 def _stream_headers(log: SessionLog, content_type: str) -> dict[str, str]:
@@ -101,7 +104,7 @@ async def resume(request: web.Request) -> web.StreamResponse:
     """A repeated request that carries `Last-Event-ID`: answered from the log."""
     try:
         text = request.headers.get(LAST_EVENT_ID_HEADER, "")
-        cursor = resume_cursor(request.app[STORE_KEY], text, protocol="http")
+        cursor = await resume_cursor(request.app[STORE_KEY], text, protocol="http")
         return await stream_cursor(request, cursor)
     except RelayError as error:
         return error_response(error)
@@ -159,7 +162,7 @@ def end_event(log: SessionLog) -> bytes:
 async def events(request: web.Request) -> web.StreamResponse:
     """GET /relay/v1/sessions/{id}/events — SSE for EventSource and any SSE client."""
     try:
-        cursor = reader_cursor(request, session_from_path(request))
+        cursor = await reader_cursor(request, session_from_path(request))
         log = cursor.log
         if log.state is not EndState.OPEN and cursor.seq > log.last_seq:
             return web.Response(status=204)  # it saw relay.end: tells EventSource to stop
@@ -197,23 +200,31 @@ def session_json(log: SessionLog, generations: Generations) -> dict[str, object]
 
 async def session_info(request: web.Request) -> web.Response:
     try:
-        log = request.app[STORE_KEY].get(session_from_path(request))
+        log = await request.app[STORE_KEY].lookup(session_from_path(request))
     except RelayError as error:
         return error_response(error)
     return web.json_response(session_json(log, request.app[GENERATIONS_KEY]))
 
 
 async def cancel(request: web.Request) -> web.Response:
-    """DELETE /relay/v1/sessions/{id}: stop a detached generation now."""
+    """DELETE /relay/v1/sessions/{id}: stop a detached generation now, on whichever node
+    runs it. 200 with the ended session, or 202 if its node has not confirmed in time."""
     generations = request.app[GENERATIONS_KEY]
+    store = request.app[STORE_KEY]
     try:
-        log = request.app[STORE_KEY].get(session_from_path(request))
+        log = await store.lookup(session_from_path(request))
         if log.state is not EndState.OPEN:
             raise SessionConflict(f"session already ended {log.state.value}")
-        if not generations.cancel(log.session_id, "cancelled by owner"):
+        if log.write_path is not WritePath.DETACHED:
             raise SessionConflict("an inline session ends with its client's connection")
+        cancelled = generations.cancel(log.session_id, "cancelled by owner")
+        if not cancelled and not await store.request_cancel(log.session_id):
+            raise SessionConflict("no relay node runs this generation")
     except RelayError as error:
         return error_response(error)
-    while log.state is EndState.OPEN:  # the generation task records the end promptly
-        await log.wait_beyond(log.last_seq)
-    return web.json_response(session_json(log, generations), status=200)
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(CANCEL_WAIT_S):
+            while log.state is EndState.OPEN:  # the generation task records the end promptly
+                await log.wait_beyond(log.last_seq)
+    status = 202 if log.state is EndState.OPEN else 200
+    return web.json_response(session_json(log, generations), status=status)

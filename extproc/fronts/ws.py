@@ -86,7 +86,7 @@ async def _serve(ws: web.WebSocketResponse, cursor: Cursor, metrics: RelayMetric
 async def websocket(request: web.Request) -> web.StreamResponse:
     """GET /relay/v1/sessions/{id}/ws[?after=<event id>]."""
     try:
-        cursor = reader_cursor(request, session_from_path(request), protocol="ws")
+        cursor = await reader_cursor(request, session_from_path(request), protocol="ws")
         with request.app[GENERATIONS_KEY].reading(cursor, protocol="ws"):
             ws = web.WebSocketResponse(heartbeat=HEARTBEAT_S, max_msg_size=MAX_CLIENT_MESSAGE_BYTES)
             await ws.prepare(request)

@@ -1,5 +1,30 @@
-"""Where session logs live. `memory` is the embedded default; others share the interface."""
+"""Where session logs live: `memory` (embedded, the default) or Redis Streams (shared by
+several relay nodes). Both offer the `SessionStore` interface."""
 
+from extproc.metrics import RelayMetrics
+from extproc.store.base import SessionStore
 from extproc.store.memory import MemoryStore, StoreLimits
+from extproc.store.redis_streams import DEFAULT_LEASE_S, RedisSettings, RedisStore
 
-__all__ = ["MemoryStore", "StoreLimits"]
+__all__ = [
+    "DEFAULT_LEASE_S",
+    "MemoryStore",
+    "RedisSettings",
+    "RedisStore",
+    "SessionStore",
+    "StoreLimits",
+    "open_store",
+]
+
+
+def open_store(
+    url: str,
+    limits: StoreLimits,
+    *,
+    lease_s: float = DEFAULT_LEASE_S,
+    metrics: RelayMetrics | None = None,
+) -> SessionStore:
+    """`memory` or a redis:// URL (validated: a bad URL is a ConfigError)."""
+    if url == "memory":
+        return MemoryStore(limits, metrics=metrics)
+    return RedisStore(RedisSettings(url=url, lease_s=lease_s), limits, metrics=metrics)

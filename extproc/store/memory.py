@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from cachetools import LRUCache
@@ -49,7 +49,7 @@ class StoreLimits:
             raise ConfigError(f"tombstones must be >= 0, got {self.tombstones}")
 
 
-class _LogCache(LRUCache[str, SessionLog]):
+class LogCache(LRUCache[str, SessionLog]):
     """An LRU cache by bytes that tells the store about every eviction."""
 
     def __init__(self, maxsize: int, on_evict: Callable[[SessionLog], None]) -> None:
@@ -80,11 +80,13 @@ class MemoryStore:
         self.metrics.store_sessions.set_function(lambda: len(self))
         self.metrics.store_capacity_bytes.set(self.limits.max_bytes)
         self._clock = clock
-        self._logs = _LogCache(self.limits.max_bytes, self._evicted)
+        self._logs = LogCache(self.limits.max_bytes, self._evicted)
         self._expiries: deque[tuple[float, SessionLog]] = deque()
         self._tombstones: LRUCache[str, str] = LRUCache(maxsize=max(1, self.limits.tombstones))
         self.evictions = 0
         self.expirations = 0
+        self.on_cancel: Callable[[str], bool] = lambda _: False
+        self.reading_sessions: Callable[[], Iterable[str]] = tuple
 
     @property
     def nbytes(self) -> int:
@@ -110,6 +112,28 @@ class MemoryStore:
         if reason is not None:
             raise SessionGone(f"session {session_id} was {reason}; its events are no longer kept")
         raise SessionNotFound(f"no session {session_id}")
+
+    async def lookup(self, session_id: str, *, at_least: int = 0) -> SessionLog:
+        return self.get(session_id)  # one process: the log is complete, nothing to wait for
+
+    def peek(self, session_id: str) -> SessionLog | None:
+        """The log if this store holds it (None otherwise, no error and no tombstone)."""
+        return self._logs.get(session_id)
+
+    def reader_attached(self, session_id: str) -> None:
+        pass
+
+    async def request_cancel(self, session_id: str) -> bool:
+        return False  # every generation of a memory store runs in this process
+
+    async def remote_readers(self, session_id: str) -> int:
+        return 0
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
 
     def append(self, log: SessionLog, events: list[bytes]) -> bool:
         """Append a chunk's events; False once the log is no longer kept (dropped or failed).

@@ -1,0 +1,46 @@
+"""What every session store offers: the writer side (synchronous, never waits on a network)
+and the reader side (asynchronous: a shared store may have to ask another machine)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Protocol
+
+from extproc.log import EndState, SessionLog, WritePath
+from extproc.metrics import RelayMetrics
+
+
+class SessionStore(Protocol):
+    metrics: RelayMetrics
+    # Set by the node: stop a generation this node runs (a cancel sent through another node),
+    # and the sessions this node has readers on (shared stores keep those generations alive).
+    on_cancel: Callable[[str], bool]
+    reading_sessions: Callable[[], Iterable[str]]
+
+    def create(self, *, content_type: str, write_path: WritePath) -> SessionLog: ...
+
+    def append(self, log: SessionLog, events: list[bytes]) -> bool: ...
+
+    def end(self, log: SessionLog, state: EndState, reason: str = "") -> None: ...
+
+    async def lookup(self, session_id: str, *, at_least: int = 0) -> SessionLog:
+        """The log of a session, wherever it was written; raises SessionNotFound, SessionGone
+        or StoreUnavailable. `at_least`: a seq the caller saw, worth a short wait for a copy
+        that lags its writer."""
+        ...
+
+    def reader_attached(self, session_id: str) -> None:
+        """A reader started on this node (shared stores announce it to the writing node)."""
+        ...
+
+    async def request_cancel(self, session_id: str) -> bool:
+        """Ask whichever node runs this session's generation to cancel it."""
+        ...
+
+    async def remote_readers(self, session_id: str) -> int:
+        """Readers of this session on other nodes."""
+        ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...

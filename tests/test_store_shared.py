@@ -1,0 +1,332 @@
+"""The session store contract, on every store: memory, Redis read by the writing node, and
+Redis read by another node (a second RedisStore on the same real redis-server). Then what only
+a shared store has: expiry in Redis, lost data said out loud, Redis down and back, Redis
+restarted empty, cancels and readers announced across nodes. A node that dies (its lease
+lapses) is tested with a real SIGKILL in tests/test_multinode.py."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import pytest
+from redis import asyncio as aioredis
+from redis_server import RedisServer
+
+from extproc.errors import SessionGone, SessionNotFound, StoreUnavailable
+from extproc.log import Cursor, EndState, SessionLog, WritePath
+from extproc.store import MemoryStore, RedisSettings, RedisStore, SessionStore, StoreLimits
+
+MIB = 1024 * 1024
+SSE = "text/event-stream"
+LIMITS = StoreLimits(max_bytes=64 * MIB, max_log_bytes=MIB, ended_ttl_s=60)
+
+
+@dataclass
+class Pair:
+    writer: SessionStore
+    reader: SessionStore  # the same store, or another node's
+
+
+def redis_store(
+    server: RedisServer, limits: StoreLimits = LIMITS, lease_s: float = 5.0
+) -> RedisStore:
+    return RedisStore(RedisSettings(url=server.url, lease_s=lease_s), limits)
+
+
+@pytest.fixture(params=["memory", "redis-same-node", "redis-other-node"])
+async def pair(request: pytest.FixtureRequest, redis_server: RedisServer) -> AsyncIterator[Pair]:
+    if request.param == "memory":
+        store = MemoryStore(LIMITS)
+        yield Pair(store, store)
+        return
+    writer = redis_store(redis_server)
+    reader = writer if request.param == "redis-same-node" else redis_store(redis_server)
+    for store in {id(writer): writer, id(reader): reader}.values():
+        await store.start()
+    yield Pair(writer, reader)
+    for store in {id(writer): writer, id(reader): reader}.values():
+        await store.close()
+
+
+async def eventually(what: str, check: Callable[[], object], within: float = 10.0) -> None:
+    """Wait for a condition another task or process brings about, bounded by a deadline."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            result = check()
+            if asyncio.iscoroutine(result):
+                result = await result
+            if result:
+                return
+        except (SessionNotFound, SessionGone, StoreUnavailable):
+            pass
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)  # polling another process's state, bounded by the deadline
+
+
+async def read_all(log: SessionLog, after: int = 0) -> list[bytes]:
+    out: list[bytes] = []
+    async with asyncio.timeout(10):
+        async for batch in Cursor(log, after).batches():
+            out.extend(batch)
+    return out
+
+
+def events(n: int, start: int = 1) -> list[bytes]:
+    return [b"data: event %d\n\n" % i for i in range(start, start + n)]
+
+
+async def until_copied(pair: Pair, session: SessionLog) -> SessionLog:
+    """The reader's view once it has every event the writer has (immediate on one node)."""
+
+    async def caught_up() -> bool:
+        log = await pair.reader.lookup(session.session_id)
+        return log.last_seq == session.last_seq and log.state is session.state
+
+    await eventually("the reader's copy to catch up", caught_up)
+    return await pair.reader.lookup(session.session_id)
+
+
+# The contract: every store.
+
+
+async def test_history_then_live_then_the_end(pair: Pair) -> None:
+    session = pair.writer.create(content_type=SSE, write_path=WritePath.DETACHED)
+    assert pair.writer.append(session, events(3))
+    log = await until_copied(pair, session)
+    assert log.content_type == SSE and log.write_path is WritePath.DETACHED
+    reading = asyncio.create_task(read_all(log))
+    assert pair.writer.append(session, events(2, start=4))
+    pair.writer.end(session, EndState.DONE)
+    assert await reading == events(5)
+    assert log.state is EndState.DONE
+
+
+async def test_resume_after_an_id_and_wait_for_an_id_the_writer_sent(pair: Pair) -> None:
+    session = pair.writer.create(content_type=SSE, write_path=WritePath.INLINE)
+    assert pair.writer.append(session, events(10))
+    # The writer's client saw event 10; a reader elsewhere may lag: the lookup waits for it.
+    log = await pair.reader.lookup(session.session_id, at_least=10)
+    assert log.last_seq >= 10
+    pair.writer.end(session, EndState.DONE)
+    assert await read_all(log, after=7) == events(3, start=8)
+
+
+async def test_unknown_sessions_are_not_found(pair: Pair) -> None:
+    with pytest.raises(SessionNotFound):
+        await pair.reader.lookup("A" * 22)
+
+
+async def test_many_readers_see_identical_sequences(pair: Pair) -> None:
+    session = pair.writer.create(content_type=SSE, write_path=WritePath.DETACHED)
+    log = await until_copied(pair, session)
+    readers = [asyncio.create_task(read_all(log)) for _ in range(20)]
+    for i in range(1, 101):
+        assert pair.writer.append(session, events(1, start=i))
+        if i % 10 == 0:
+            await asyncio.sleep(0)  # let readers interleave with the writer
+    pair.writer.end(session, EndState.DONE)
+    results = await asyncio.gather(*readers)
+    assert all(result == events(100) for result in results)
+
+
+async def test_the_session_byte_limit_fails_the_session_for_every_reader(pair: Pair) -> None:
+    session = pair.writer.create(content_type=SSE, write_path=WritePath.INLINE)
+    assert pair.writer.append(session, events(2))
+    assert not pair.writer.append(session, [b"data: " + b"x" * MIB + b"\n\n"])
+    log = await until_copied(pair, session)
+    assert log.state is EndState.FAILED and log.reason == "log_limit_exceeded"
+    assert await read_all(log) == events(2)
+
+
+async def test_ndjson_sessions_keep_their_content_type(pair: Pair) -> None:
+    session = pair.writer.create(content_type="application/x-ndjson", write_path=WritePath.INLINE)
+    assert pair.writer.append(session, [b'{"a":1}\n', b'{"b":2}\n'])
+    pair.writer.end(session, EndState.CANCELLED, "client left")
+    log = await until_copied(pair, session)
+    assert log.content_type == "application/x-ndjson"
+    assert (log.state, log.reason) == (EndState.CANCELLED, "client left")
+    assert await read_all(log) == [b'{"a":1}\n', b'{"b":2}\n']
+
+
+# What only a shared store has.
+
+
+def store_up(store: RedisStore) -> float | None:
+    return store.metrics.registry.get_sample_value("relay_store_up")
+
+
+async def two_nodes(server: RedisServer, **kwargs: object) -> tuple[RedisStore, RedisStore]:
+    a = redis_store(server, **kwargs)  # type: ignore[arg-type]
+    b = redis_store(server, **kwargs)  # type: ignore[arg-type]
+    await a.start()
+    await b.start()
+    return a, b
+
+
+async def test_ended_sessions_expire_from_redis_as_gone(redis_server: RedisServer) -> None:
+    limits = StoreLimits(max_bytes=64 * MIB, max_log_bytes=MIB, ended_ttl_s=0.3)
+    a, b = await two_nodes(redis_server, limits=limits)
+    try:
+        session = a.create(content_type=SSE, write_path=WritePath.INLINE)
+        a.append(session, events(3))
+        a.end(session, EndState.DONE)
+        await until_copied(Pair(a, b), session)
+
+        async def gone() -> bool:
+            try:
+                await b.lookup(session.session_id)
+            except SessionGone:
+                return True
+            return False
+
+        await eventually("the session to expire in Redis", gone)
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_events_lost_from_redis_are_gone_never_skipped(redis_server: RedisServer) -> None:
+    """Redis under memory pressure may evict a session's stream but keep its metadata: a
+    reader gets 410, never a log with a hole in it."""
+    a, b = await two_nodes(redis_server)
+    try:
+        session = a.create(content_type=SSE, write_path=WritePath.INLINE)
+        a.append(session, events(5))
+        a.end(session, EndState.DONE)
+        await until_copied(Pair(a, b), session)
+        c = redis_store(redis_server)  # a third node, no copy cached yet
+        await c.start()
+        try:
+            raw = aioredis.from_url(redis_server.url)
+            await raw.delete(f"stream-relay:{{{session.session_id}}}:events")
+            await raw.aclose()
+            with pytest.raises(SessionGone):
+                await c.lookup(session.session_id)
+        finally:
+            await c.close()
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_redis_down_writes_go_on_reads_get_503_then_all_recovers(
+    redis_server: RedisServer,
+) -> None:
+    a, b = await two_nodes(redis_server)
+    try:
+        before = a.create(content_type=SSE, write_path=WritePath.INLINE)
+        a.append(before, events(4))
+        a.end(before, EndState.DONE)
+        await until_copied(Pair(a, b), before)
+
+        redis_server.stop()
+        during = a.create(content_type=SSE, write_path=WritePath.INLINE)
+        assert a.append(during, events(6))  # the writer never waits on Redis
+        with pytest.raises(StoreUnavailable) as error:
+            await b.lookup(before.session_id)
+        assert error.value.http_status == 503
+        own = await a.lookup(during.session_id)  # not yet copied: the writing node answers
+        assert own is during
+        a.end(during, EndState.DONE)
+        await eventually("the writer to notice Redis is down", lambda: store_up(a) == 0)
+
+        redis_server.start()  # same port, same append-only file
+        copied = await until_copied(Pair(a, b), during)
+        assert await read_all(copied) == events(6)
+        kept = await b.lookup(before.session_id)
+        assert await read_all(kept) == events(4)  # nothing already in Redis was lost
+        await eventually("the writer to see Redis again", lambda: store_up(a) == 1)
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_redis_restarted_empty_old_sessions_unknown_open_ones_copied_again(
+    redis_server: RedisServer,
+) -> None:
+    a, b = await two_nodes(redis_server)
+    try:
+        finished = a.create(content_type=SSE, write_path=WritePath.INLINE)
+        a.append(finished, events(3))
+        a.end(finished, EndState.DONE)
+        live = a.create(content_type=SSE, write_path=WritePath.DETACHED)
+        a.append(live, events(5))
+        await until_copied(Pair(a, b), finished)
+        await until_copied(Pair(a, b), live)
+
+        redis_server.stop()
+        redis_server.start(empty=True)
+        c = redis_store(redis_server)  # a node that never saw either session
+        await c.start()
+        try:
+            with pytest.raises(SessionNotFound):
+                await c.lookup(finished.session_id)
+            a.append(live, events(2, start=6))  # the writer notices the hole and refills it
+            a.end(live, EndState.DONE)
+            copied = await until_copied(Pair(a, c), live)
+            assert await read_all(copied) == events(7)
+        finally:
+            await c.close()
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_cancel_reaches_the_node_that_runs_the_generation(
+    redis_server: RedisServer,
+) -> None:
+    a, b = await two_nodes(redis_server)
+    cancelled = asyncio.Event()
+    seen: list[str] = []
+
+    def on_cancel(session_id: str) -> bool:
+        seen.append(session_id)
+        cancelled.set()
+        return True
+
+    a.on_cancel = on_cancel
+    try:
+        session = a.create(content_type=SSE, write_path=WritePath.DETACHED)
+        await until_copied(Pair(a, b), session)
+
+        async def published() -> bool:
+            return await b.request_cancel(session.session_id)
+
+        await eventually("node a to listen for cancels", published)
+        async with asyncio.timeout(10):
+            await cancelled.wait()
+        assert session.session_id in seen
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_readers_on_another_node_are_announced_to_the_writer(
+    redis_server: RedisServer,
+) -> None:
+    a, b = await two_nodes(redis_server, lease_s=0.6)
+    try:
+        session = a.create(content_type=SSE, write_path=WritePath.DETACHED)
+        a.append(session, events(1))
+        await until_copied(Pair(a, b), session)
+        assert await a.remote_readers(session.session_id) == 0
+        b.reading_sessions = lambda: [session.session_id]
+        b.reader_attached(session.session_id)
+
+        async def announced() -> bool:
+            return await a.remote_readers(session.session_id) == 1
+
+        await eventually("b's reader to be announced", announced)
+        b.reading_sessions = tuple
+        await eventually("b's reader lease to lapse", lambda: _no_readers(a, session))
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def _no_readers(store: RedisStore, session: SessionLog) -> bool:
+    return await store.remote_readers(session.session_id) == 0
