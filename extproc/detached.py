@@ -19,7 +19,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from extproc.errors import ConfigError, LimitExceeded, UpstreamUnreachable
+from extproc.errors import ConfigError, LimitExceeded, StoreUnavailable, UpstreamUnreachable
 from extproc.framing import framer_for
 from extproc.log import Cursor, EndState, SessionLog, WritePath
 from extproc.store import SessionStore
@@ -87,7 +87,7 @@ class Generations:
         self._http: aiohttp.ClientSession | None = None
         self._cursors: set[Cursor] = set()  # attached readers' positions, for the lag gauge
         store.on_cancel = lambda session_id: self.cancel(session_id, "cancelled by owner")
-        store.reading_sessions = self._readers.keys
+        store.reader_counts = self._readers.copy
         store.metrics.generations_running.set_function(lambda: len(self._running))
         store.metrics.reader_lag_max.set_function(self._max_lag)
 
@@ -122,8 +122,7 @@ class Generations:
                 f"(limit {self.settings.max_readers_per_session})"
             )
         self._readers[session_id] = count + 1
-        if not count:
-            self._store.reader_attached(session_id)
+        self._store.readers_changed(session_id)
         session.peak_readers = max(session.peak_readers, count + 1)
         generation = self._running.get(session_id)
         if generation is not None and generation.grace_timer is not None:
@@ -145,6 +144,7 @@ class Generations:
             if session.state is EndState.OPEN and not session.gone_reason:
                 metrics.client_disconnects.labels(protocol).inc()
             left = self._readers[session_id] - 1
+            self._store.readers_changed(session_id)
             if left:
                 self._readers[session_id] = left
             else:
@@ -178,8 +178,13 @@ class Generations:
             generation.grace_check = asyncio.create_task(self._grace_check(session_id))
 
     async def _grace_check(self, session_id: str) -> None:
-        """The grace is over here; readers on other nodes (a shared store) still count."""
-        if await self._store.remote_readers(session_id):
+        """The grace is over here; readers on other nodes (a shared store) still count, and
+        so does not knowing: a store that cannot answer never cancels a generation."""
+        try:
+            elsewhere = await self._store.remote_readers(session_id)
+        except StoreUnavailable:
+            elsewhere = 1
+        if elsewhere:
             if session_id not in self._readers:
                 self._last_reader_left(session_id)  # look again after another grace
             return

@@ -35,15 +35,19 @@ def make_stack(
     return start_stack(options, workdir=tmp_path)
 
 
-@pytest.fixture(scope="session", params=["detached", "inline"])
+@pytest.fixture(scope="session", params=["detached", "inline", "redis-2-nodes"])
 def stack(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
     """One stack per write path, shared by the tests that do not break it: what holds for
-    clients holds on both paths."""
-    running = make_stack(
-        tmp_path_factory.mktemp(f"stack-{request.param}"), write_path=request.param
-    )
+    clients holds on both paths, and on two nodes sharing sessions through Redis (Envoy
+    balances, so a resume or a reader often lands on the node that did not write)."""
+    workdir = tmp_path_factory.mktemp(f"stack-{request.param}")
+    if request.param == "redis-2-nodes":
+        redis: RedisServer = request.getfixturevalue("shared_redis")
+        running = make_stack(workdir, relay_args=("--store", redis.url), nodes=2)
+    else:
+        running = make_stack(workdir, write_path=request.param)
     yield running
     running.stop()
 

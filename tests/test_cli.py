@@ -36,6 +36,11 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
         (["serve", "--store-max-bytes", "10"], "store max bytes"),
         (["serve", "--session-max-bytes", "999999999999"], "max log bytes"),
         (["up", "--demo", "--bogus"], "--bogus"),
+        (["up", "--demo", "--nodes", "3"], "--store redis://"),
+        (["up", "--demo", "--nodes", "0"], "--nodes"),
+        (["up", "--demo", "--store", "mysql://db"], "--store"),
+        (["serve", "--store", "http://127.0.0.1:6379"], "--store"),
+        (["serve", "--store", "redis://127.0.0.1:6379", "--node-lease", "0.1"], "node lease"),
         (["frobnicate"], "frobnicate"),
     ],
 )

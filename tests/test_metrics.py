@@ -11,12 +11,15 @@ from extproc.supervisor import Stack
 
 
 def scrape(stack: Stack) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    text = httpx.get(stack.metrics_url, timeout=10).text
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
+    """Every relay node's samples, summed: a request may have gone to any node."""
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for url in stack.relay_http_urls:
+        text = httpx.get(f"{url}/metrics", timeout=10).text
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                samples[key] = samples.get(key, 0.0) + sample.value
+    return samples
 
 
 def value(
@@ -61,7 +64,9 @@ def test_metrics_follow_sessions_resumes_drops_and_usage(detached_stack: Stack) 
     assert grew("relay_tokens_total", model="demo-llm", kind="completion") == 5
     assert grew("relay_tokens_total", model="demo-llm", kind="prompt") == prompt_words
     assert value(after, "relay_store_bytes") > 0
-    assert value(after, "relay_store_capacity_bytes") == 256 * 1024 * 1024
+    assert value(after, "relay_store_capacity_bytes") == 256 * 1024 * 1024 * len(
+        stack.relay_http_urls
+    )
     assert value(after, "process_resident_memory_bytes") > 0
     text = httpx.get(stack.metrics_url, timeout=10).text
     assert session not in text  # never a session id as a label

@@ -314,15 +314,17 @@ async def test_readers_on_another_node_are_announced_to_the_writer(
         a.append(session, events(1))
         await until_copied(Pair(a, b), session)
         assert await a.remote_readers(session.session_id) == 0
-        b.reading_sessions = lambda: [session.session_id]
-        b.reader_attached(session.session_id)
+        b.reader_counts = lambda: {session.session_id: 3}
+        b.readers_changed(session.session_id)
 
         async def announced() -> bool:
-            return await a.remote_readers(session.session_id) == 1
+            return await a.remote_readers(session.session_id) == 3
 
-        await eventually("b's reader to be announced", announced)
-        b.reading_sessions = tuple
-        await eventually("b's reader lease to lapse", lambda: _no_readers(a, session))
+        await eventually("b's readers to be announced", announced)
+        assert await b.remote_readers(session.session_id) == 0  # a node does not count itself
+        b.reader_counts = dict
+        b.readers_changed(session.session_id)
+        await eventually("b's readers to leave", lambda: _no_readers(a, session))
     finally:
         await a.close()
         await b.close()

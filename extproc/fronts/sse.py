@@ -25,6 +25,7 @@ from extproc.errors import (
     RelayError,
     SessionConflict,
     SessionGone,
+    StoreUnavailable,
 )
 from extproc.fronts.cursors import open_cursor, resume_cursor
 from extproc.ids import EventId, format_event_id, is_session_id
@@ -186,7 +187,14 @@ async def events(request: web.Request) -> web.StreamResponse:
         return error_response(error)
 
 
-def session_json(log: SessionLog, generations: Generations) -> dict[str, object]:
+async def session_json(
+    log: SessionLog, generations: Generations, store: SessionStore
+) -> dict[str, object]:
+    """A session's state; `readers` counts every node's (others' as of their last beat)."""
+    try:
+        elsewhere = await store.remote_readers(log.session_id)
+    except StoreUnavailable:
+        elsewhere = 0  # this node's own count is still worth answering with
     return {
         "session": log.session_id,
         "state": log.state.value,
@@ -194,7 +202,7 @@ def session_json(log: SessionLog, generations: Generations) -> dict[str, object]
         "last_seq": log.last_seq,
         "write_path": log.write_path.value,
         "content_type": log.content_type,
-        "readers": generations.readers(log.session_id),
+        "readers": generations.readers(log.session_id) + elsewhere,
     }
 
 
@@ -203,7 +211,8 @@ async def session_info(request: web.Request) -> web.Response:
         log = await request.app[STORE_KEY].lookup(session_from_path(request))
     except RelayError as error:
         return error_response(error)
-    return web.json_response(session_json(log, request.app[GENERATIONS_KEY]))
+    info = await session_json(log, request.app[GENERATIONS_KEY], request.app[STORE_KEY])
+    return web.json_response(info)
 
 
 async def cancel(request: web.Request) -> web.Response:
@@ -227,4 +236,4 @@ async def cancel(request: web.Request) -> web.Response:
             while log.state is EndState.OPEN:  # the generation task records the end promptly
                 await log.wait_beyond(log.last_seq)
     status = 202 if log.state is EndState.OPEN else 200
-    return web.json_response(session_json(log, generations), status=status)
+    return web.json_response(await session_json(log, generations, store), status=status)

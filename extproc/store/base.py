@@ -3,7 +3,7 @@ and the reader side (asynchronous: a shared store may have to ask another machin
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Protocol
 
 from extproc.log import EndState, SessionLog, WritePath
@@ -13,9 +13,9 @@ from extproc.metrics import RelayMetrics
 class SessionStore(Protocol):
     metrics: RelayMetrics
     # Set by the node: stop a generation this node runs (a cancel sent through another node),
-    # and the sessions this node has readers on (shared stores keep those generations alive).
+    # and how many readers each session has on this node (a shared store tells the others).
     on_cancel: Callable[[str], bool]
-    reading_sessions: Callable[[], Iterable[str]]
+    reader_counts: Callable[[], dict[str, int]]
 
     def create(self, *, content_type: str, write_path: WritePath) -> SessionLog: ...
 
@@ -29,8 +29,8 @@ class SessionStore(Protocol):
         that lags its writer."""
         ...
 
-    def reader_attached(self, session_id: str) -> None:
-        """A reader started on this node (shared stores announce it to the writing node)."""
+    def readers_changed(self, session_id: str) -> None:
+        """A reader started or stopped on this node (shared stores announce it)."""
         ...
 
     async def request_cancel(self, session_id: str) -> bool:
@@ -38,7 +38,7 @@ class SessionStore(Protocol):
         ...
 
     async def remote_readers(self, session_id: str) -> int:
-        """Readers of this session on other nodes."""
+        """Readers of this session on other nodes (as they last announced)."""
         ...
 
     async def start(self) -> None: ...

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cachetools import LRUCache
@@ -86,7 +86,7 @@ class MemoryStore:
         self.evictions = 0
         self.expirations = 0
         self.on_cancel: Callable[[str], bool] = lambda _: False
-        self.reading_sessions: Callable[[], Iterable[str]] = tuple
+        self.reader_counts: Callable[[], dict[str, int]] = dict
 
     @property
     def nbytes(self) -> int:
@@ -120,7 +120,7 @@ class MemoryStore:
         """The log if this store holds it (None otherwise, no error and no tombstone)."""
         return self._logs.get(session_id)
 
-    def reader_attached(self, session_id: str) -> None:
+    def readers_changed(self, session_id: str) -> None:
         pass
 
     async def request_cancel(self, session_id: str) -> bool:

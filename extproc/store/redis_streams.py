@@ -11,7 +11,7 @@ Keys of one session share a hash tag, so one script can touch them all (Redis Cl
                            marker `0-<last_seq+1>` (fields `end`, `reason`) comes with the end
   {prefix}:{<id>}:meta     hash: state, reason, last_seq, content_type, write_path, node
   {prefix}:{<id>}:gone     written at the end and kept a day longer: 410 instead of 404
-  {prefix}:{<id>}:readers  sorted set: node -> lease expiry (ms), nodes reading the session
+  {prefix}:{<id>}:readers  hash: node -> "<readers> <expiry ms>", who reads the session where
   {prefix}:node:<node>     a writing node's lease; when it lapses, its open sessions fail
   {prefix}:cancel          pub/sub channel of session ids whose generation should stop
 """
@@ -23,7 +23,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -47,6 +47,7 @@ CATCH_UP_S = 2.0  # how long a lookup waits for a mirror to reach an id its clie
 SYNC_MAX_EVENTS = 2048  # per session per round: one round stays a bounded Redis call
 SYNC_MAX_BYTES = 1024 * 1024
 FOLLOW_BATCH = 512
+POLL_S = 1.0  # longest blocking wait on Redis: followers and listeners look up this often
 _BACKOFF_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
 
 # Append events at their seqs and record the state, atomically, so a reader never sees an
@@ -151,7 +152,7 @@ class RedisStore:
         self.metrics = self._local.metrics
         self.node_id = secrets.token_urlsafe(8)
         self.on_cancel: Callable[[str], bool] = lambda _: False
-        self.reading_sessions: Callable[[], Iterable[str]] = tuple
+        self.reader_counts: Callable[[], dict[str, int]] = dict
         common: dict[str, object] = {"socket_connect_timeout": 1.0, "health_check_interval": 10}
         # Lookups fail fast (a client gets 503 at once); the replicator retries on its own.
         self._redis = aioredis.from_url(
@@ -172,6 +173,7 @@ class RedisStore:
         self._beat_now = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._failures = 0
+        self._closing = False
         self.metrics.replication_pending.set_function(lambda: len(self._flushed))
 
     # The writer side: this node's sessions, in memory first, copied to Redis behind.
@@ -260,8 +262,8 @@ class RedisStore:
     async def _follow(self, mirror: SessionLog, node: str) -> None:
         """Tail a session written by `node` until it ends; fail it if that node dies."""
         keys = _Keys(self.settings.prefix, mirror.session_id)
-        block_ms = int(min(1.0, self.settings.lease_s / 2) * 1000)
-        while mirror.state is EndState.OPEN and not mirror.gone_reason:
+        block_ms = int(min(POLL_S, self.settings.lease_s / 2) * 1000)
+        while mirror.state is EndState.OPEN and not mirror.gone_reason and not self._closing:
             try:
                 reply = await self._blocking.xread(
                     {keys.events: f"0-{mirror.last_seq}"}, count=FOLLOW_BATCH, block=block_ms
@@ -298,9 +300,8 @@ class RedisStore:
             self.metrics.producers_lost.inc()
             log.warning("session %s failed: its node %s lost its lease", keys.meta, node)
 
-    def reader_attached(self, session_id: str) -> None:
-        if session_id in self._mirrors:
-            self._beat_now.set()  # tell the writing node at once, not at the next beat
+    def readers_changed(self, session_id: str) -> None:
+        self._beat_now.set()  # tell the other nodes at once, not at the next beat
 
     async def request_cancel(self, session_id: str) -> bool:
         try:
@@ -313,10 +314,17 @@ class RedisStore:
     async def remote_readers(self, session_id: str) -> int:
         keys = _Keys(self.settings.prefix, session_id)
         try:
-            return int(await self._redis.zcount(keys.readers, f"({_now_ms()}", "+inf"))
+            announced = cast(dict[bytes, bytes], await self._redis.hgetall(keys.readers))
         except RedisError as exc:
             self._failed("heartbeat", exc)
-            return 1  # unknown: keep the generation rather than cancel one being read
+            raise StoreUnavailable("the session store (Redis) cannot be reached") from exc
+        now = _now_ms()
+        total = 0
+        for node, value in announced.items():
+            count, _, expiry = value.partition(b" ")
+            if node != self.node_id.encode() and int(expiry) > now:
+                total += int(count)
+        return total
 
     # Background work: replication, the lease and reader heartbeat, cancel requests.
 
@@ -340,16 +348,19 @@ class RedisStore:
             async with asyncio.timeout(2.0):
                 while self._dirty:
                     await self._sync_round()
-        for task in [*self._tasks, *self._followers.values()]:
+        self._closing = True
+        tasks = [*self._tasks, *self._followers.values()]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, *self._followers.values(), return_exceptions=True)
+        if tasks:  # each loop also checks the flag at least every POLL_S
+            await asyncio.wait(tasks, timeout=2 * POLL_S)
         with contextlib.suppress(RedisError):
             await self._redis.delete(self._lease_key)  # a clean stop: no one waits a lease out
         await self._redis.aclose()
         await self._blocking.aclose()
 
     async def _replicate(self) -> None:
-        while True:
+        while not self._closing:
             await self._wake.wait()
             self._wake.clear()
             try:
@@ -430,19 +441,24 @@ class RedisStore:
         return OPEN_TTL_S if state is EndState.OPEN else self.limits.ended_ttl_s
 
     async def _heartbeat(self) -> None:
-        """Renew this node's lease and announce the sessions read here, every lease/3."""
+        """Renew this node's lease and announce how many readers each session has here,
+        every lease/3 and whenever a count changes."""
         lease_ms = int(self.settings.lease_s * 1000)
-        while True:
+        announced: set[str] = set()
+        while not self._closing:
             try:
+                counts = self.reader_counts()
                 async with self._redis.pipeline(transaction=False) as pipe:
                     pipe.set(self._lease_key, b"1", px=lease_ms)
-                    expiry = _now_ms() + lease_ms
-                    for session_id in self.reading_sessions():
-                        if session_id in self._mirrors:
-                            readers = _Keys(self.settings.prefix, session_id).readers
-                            pipe.zadd(readers, {self.node_id: expiry})
-                            pipe.pexpire(readers, 2 * lease_ms)
+                    value = f" {_now_ms() + lease_ms}"
+                    for session_id, count in counts.items():
+                        readers = _Keys(self.settings.prefix, session_id).readers
+                        pipe.hset(readers, self.node_id, f"{count}{value}")
+                        pipe.pexpire(readers, 2 * lease_ms)
+                    for session_id in announced - counts.keys():  # their last reader left
+                        pipe.hdel(_Keys(self.settings.prefix, session_id).readers, self.node_id)
                     await pipe.execute()
+                announced = set(counts)
                 self._succeeded()
             except RedisError as exc:
                 self._failed("heartbeat", exc)
@@ -453,12 +469,17 @@ class RedisStore:
 
     async def _listen_for_cancels(self) -> None:
         channel = f"{self.settings.prefix}:cancel"
-        while True:
+        while not self._closing:
             try:
                 async with self._blocking.pubsub() as pubsub:
                     await pubsub.subscribe(channel)
-                    async for message in pubsub.listen():
-                        if message.get("type") == "message":
+                    # Short waits, not listen(): redis-py can swallow a cancel mid-reconnect,
+                    # so the loop also ends on the closing flag.
+                    while not self._closing:
+                        message = await pubsub.get_message(
+                            ignore_subscribe_messages=True, timeout=POLL_S
+                        )
+                        if message is not None and message.get("type") == "message":
                             self.on_cancel(bytes(message["data"]).decode())
             except RedisError as exc:
                 self._failed("cancel", exc)
