@@ -15,6 +15,11 @@ from pathlib import Path
 from typing import NoReturn
 
 from extproc import demo_upstream
+from extproc.access import (
+    DEFAULT_MAX_READERS_PER_IDENTITY,
+    DEFAULT_MAX_SESSIONS_PER_IDENTITY,
+    AccessLimits,
+)
 from extproc.config import NodeSettings
 from extproc.detached import (
     DEFAULT_GRACE_S,
@@ -123,6 +128,20 @@ def _add_detach_flags(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_MAX_REQUEST_BYTES,
         help="largest generation request body (default 8 MiB)",
     )
+    group.add_argument(
+        "--max-sessions-per-identity",
+        type=_positive(int),
+        default=DEFAULT_MAX_SESSIONS_PER_IDENTITY,
+        help="open sessions one authenticated caller may have per relay node "
+        f"(default {DEFAULT_MAX_SESSIONS_PER_IDENTITY})",
+    )
+    group.add_argument(
+        "--max-readers-per-identity",
+        type=_positive(int),
+        default=DEFAULT_MAX_READERS_PER_IDENTITY,
+        help="readers one authenticated caller may attach per relay node "
+        f"(default {DEFAULT_MAX_READERS_PER_IDENTITY})",
+    )
 
 
 def _non_negative(text: str) -> float:
@@ -147,6 +166,8 @@ def _relay_argv(args: argparse.Namespace) -> list[str]:
         "--detach-grace": args.detach_grace,
         "--max-readers-per-session": args.max_readers_per_session,
         "--max-request-bytes": args.max_request_bytes,
+        "--max-sessions-per-identity": args.max_sessions_per_identity,
+        "--max-readers-per-identity": args.max_readers_per_identity,
     }
     return [part for flag, value in flags.items() for part in (flag, str(value))]
 
@@ -170,6 +191,10 @@ def _node_settings(args: argparse.Namespace) -> NodeSettings:
             grace_s=args.detach_grace,
             max_request_bytes=args.max_request_bytes,
             max_readers_per_session=args.max_readers_per_session,
+        ),
+        access=AccessLimits(
+            max_sessions_per_identity=args.max_sessions_per_identity,
+            max_readers_per_identity=args.max_readers_per_identity,
         ),
     )
 

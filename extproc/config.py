@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from extproc.access import AccessLimits
 from extproc.detached import DetachSettings
 from extproc.errors import ConfigError
 from extproc.framing import DEFAULT_MAX_FRAME_BYTES
@@ -23,6 +24,7 @@ class NodeSettings:
     store_url: str = "memory"  # or redis://host:port/db: sessions shared by several nodes
     lease_s: float = DEFAULT_LEASE_S  # with Redis: a node silent this long is dead
     detach: DetachSettings = field(default_factory=DetachSettings)
+    access: AccessLimits = field(default_factory=AccessLimits)
 
     def __post_init__(self) -> None:
         for name in ("grpc_port", "http_port"):

@@ -19,6 +19,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from extproc.access import IDENTITY_HEADER, MAX_IDENTITY_CHARS, AccessLimits
 from extproc.errors import ConfigError, LimitExceeded, StoreUnavailable, UpstreamUnreachable
 from extproc.framing import framer_for
 from extproc.log import Cursor, EndState, SessionLog, WritePath
@@ -57,6 +58,11 @@ class DetachSettings:
             )
 
 
+def owner_of(request: web.Request) -> str:
+    """The identity Envoy authenticated for this request ("" when auth is off)."""
+    return request.headers.get(IDENTITY_HEADER, "")[:MAX_IDENTITY_CHARS]
+
+
 class Generation:
     """One upstream call that the relay makes and owns."""
 
@@ -78,9 +84,12 @@ class Generations:
         settings: DetachSettings,
         *,
         max_frame_bytes: int,
+        access: AccessLimits | None = None,
     ) -> None:
         self._store = store
         self.settings = settings
+        self.access = access or AccessLimits()
+        self._readers_by_identity: dict[str, int] = {}
         self._max_frame_bytes = max_frame_bytes
         self._running: dict[str, Generation] = {}
         self._readers: dict[str, int] = {}
@@ -107,11 +116,40 @@ class Generations:
             await self._http.close()
 
     @contextlib.contextmanager
-    def reading(self, target: Cursor | SessionLog, *, protocol: str = "sse") -> Iterator[None]:
-        """Count a reader on a session for as long as it reads; enforces the reader limit.
+    def reading(
+        self, target: Cursor | SessionLog, *, protocol: str = "sse", identity: str = ""
+    ) -> Iterator[None]:
+        """Count a reader on a session for as long as it reads; enforces the reader limits
+        (per session, and per identity on this node).
 
         Given the reader's cursor, also counts how much history it was replayed.
         """
+        with self._identity_reading(identity), self._session_reading(target, protocol):
+            yield
+
+    @contextlib.contextmanager
+    def _identity_reading(self, identity: str) -> Iterator[None]:
+        if not identity:
+            yield
+            return
+        count = self._readers_by_identity.get(identity, 0)
+        if count >= self.access.max_readers_per_identity:
+            raise LimitExceeded(
+                f"{count} readers attached for this identity "
+                f"(limit {self.access.max_readers_per_identity})"
+            )
+        self._readers_by_identity[identity] = count + 1
+        try:
+            yield
+        finally:
+            left = self._readers_by_identity[identity] - 1
+            if left:
+                self._readers_by_identity[identity] = left
+            else:
+                del self._readers_by_identity[identity]
+
+    @contextlib.contextmanager
+    def _session_reading(self, target: Cursor | SessionLog, protocol: str) -> Iterator[None]:
         cursor = target if isinstance(target, Cursor) else None
         session = target.log if isinstance(target, Cursor) else target
         session_id = session.session_id
@@ -206,6 +244,10 @@ class Generations:
         """Send the client's request upstream through Envoy's egress; return its response."""
         if not self.settings.egress_url:
             raise UpstreamUnreachable("the detached path is not configured (no --egress-url)")
+        owner = owner_of(request)
+        limit = self.access.max_sessions_per_identity
+        if owner and self._store.open_sessions(owner) >= limit:
+            raise LimitExceeded(f"{limit} open sessions for this identity (limit)")
         body = bytearray()
         async for chunk in request.content.iter_any():  # the whole body, however it arrives
             body += chunk
@@ -228,13 +270,15 @@ class Generations:
         except (aiohttp.ClientError, OSError) as exc:
             raise UpstreamUnreachable(f"upstream unreachable: {exc!r}") from exc
 
-    def start(self, response: aiohttp.ClientResponse) -> SessionLog | None:
+    def start(self, response: aiohttp.ClientResponse, *, owner: str = "") -> SessionLog | None:
         """If the upstream answered with an event stream, log it in the background."""
         content_type = response.headers.get("Content-Type", "")
         framer = framer_for(content_type, max_frame_bytes=self._max_frame_bytes)
         if response.status != 200 or framer is None:
             return None
-        session = self._store.create(content_type=content_type, write_path=WritePath.DETACHED)
+        session = self._store.create(
+            content_type=content_type, write_path=WritePath.DETACHED, owner=owner
+        )
         writer = SessionWriter(self._store, session, framer)
         task = asyncio.create_task(self._produce(writer, response))
         self._running[session.session_id] = Generation(session, task)

@@ -47,6 +47,7 @@ class SessionLog:
         "gone_reason",
         "last_append_at",
         "nbytes",
+        "owner",
         "peak_readers",
         "reason",
         "session_id",
@@ -54,10 +55,13 @@ class SessionLog:
         "write_path",
     )
 
-    def __init__(self, session_id: str, *, content_type: str, write_path: WritePath) -> None:
+    def __init__(
+        self, session_id: str, *, content_type: str, write_path: WritePath, owner: str = ""
+    ) -> None:
         self.session_id = session_id
         self.content_type = content_type
         self.write_path = write_path
+        self.owner = owner  # the identity that created it ("" when auth is off)
         self.created_at = time.monotonic()
         self.last_append_at = self.created_at
         self.peak_readers = 0  # most readers at once; kept by whoever counts readers

@@ -57,10 +57,17 @@ async def start_node(settings: NodeSettings) -> RunningNode:
         settings.store_url, settings.store, lease_s=settings.lease_s, metrics=RelayMetrics(registry)
     )
     await store.start()
-    generations = Generations(store, settings.detach, max_frame_bytes=settings.max_frame_bytes)
+    generations = Generations(
+        store, settings.detach, max_frame_bytes=settings.max_frame_bytes, access=settings.access
+    )
     server = grpc.aio.server()
     service.add_to_server(
-        service.ExternalProcessor(store, max_frame_bytes=settings.max_frame_bytes), server
+        service.ExternalProcessor(
+            store,
+            max_frame_bytes=settings.max_frame_bytes,
+            max_sessions_per_identity=settings.access.max_sessions_per_identity,
+        ),
+        server,
     )
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -18,11 +18,19 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
     HeadersResponse,
     HttpBody,
     HttpHeaders,
+    ImmediateResponse,
     ProcessingRequest,
     ProcessingResponse,
     TrailersResponse,
 )
+from envoy.type.v3.http_status_pb2 import HttpStatus
 
+from extproc.access import (
+    DEFAULT_MAX_SESSIONS_PER_IDENTITY,
+    IDENTITY_HEADER,
+    MAX_IDENTITY_CHARS,
+)
+from extproc.errors import LimitExceeded
 from extproc.framing import framer_for
 from extproc.log import EndState, SessionLog, WritePath
 from extproc.store import SessionStore
@@ -82,16 +90,45 @@ def _body(data: bytes) -> ProcessingResponse:
     )
 
 
+def _refuse(error: LimitExceeded) -> ProcessingResponse:
+    """Answer the client from Envoy without calling the LLM (the one mapping of this front)."""
+    return ProcessingResponse(
+        immediate_response=ImmediateResponse(
+            status=HttpStatus(code=error.http_status),
+            headers=HeaderMutation(set_headers=[_set_header("content-type", "application/json")]),
+            body=error.json_body(),
+            details=error.code,
+        )
+    )
+
+
 class StreamProcessor:
     """What the relay does with one HTTP stream; made fresh for every ext_proc gRPC stream."""
 
-    __slots__ = ("_max_frame_bytes", "_rerouted", "_store", "_writer", "detach")
+    __slots__ = (
+        "_max_frame_bytes",
+        "_max_sessions",
+        "_owner",
+        "_rerouted",
+        "_store",
+        "_writer",
+        "detach",
+    )
 
-    def __init__(self, store: SessionStore, *, max_frame_bytes: int, detach: bool = False) -> None:
+    def __init__(
+        self,
+        store: SessionStore,
+        *,
+        max_frame_bytes: int,
+        detach: bool = False,
+        max_sessions_per_identity: int = DEFAULT_MAX_SESSIONS_PER_IDENTITY,
+    ) -> None:
         self._store = store
         self._max_frame_bytes = max_frame_bytes
+        self._max_sessions = max_sessions_per_identity
         self._writer: SessionWriter | None = None
         self._rerouted = False
+        self._owner = ""  # Envoy's identity for the caller; "" when auth is off
         self.detach = detach  # the route asked for the detached path (see envoy/envoy.yaml)
 
     @property
@@ -124,6 +161,11 @@ class StreamProcessor:
         elif self.detach and header_value(headers, ":method") == "POST":
             target = ROUTE_DETACHED
         else:
+            self._owner = (header_value(headers, IDENTITY_HEADER) or "")[:MAX_IDENTITY_CHARS]
+            if self._owner and self._store.open_sessions(self._owner) >= self._max_sessions:
+                return _refuse(
+                    LimitExceeded(f"{self._max_sessions} open sessions for this identity (limit)")
+                )
             return _CONTINUE_REQUEST
         self._rerouted = True
         mutation = HeaderMutation(set_headers=[_set_header(ROUTE_HEADER, target)])
@@ -142,7 +184,9 @@ class StreamProcessor:
         framer = framer_for(content_type, max_frame_bytes=self._max_frame_bytes)
         if framer is None:
             return _CONTINUE_RESPONSE
-        log = self._store.create(content_type=content_type, write_path=WritePath.INLINE)
+        log = self._store.create(
+            content_type=content_type, write_path=WritePath.INLINE, owner=self._owner
+        )
         self._writer = SessionWriter(self._store, log, framer)
         mutation = HeaderMutation(
             set_headers=[_set_header(SESSION_HEADER, log.session_id)],

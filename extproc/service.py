@@ -13,15 +13,23 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
 from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest, ProcessingResponse
 
+from extproc.access import DEFAULT_MAX_SESSIONS_PER_IDENTITY
 from extproc.log import EndState
 from extproc.processor import WRITE_PATH_METADATA, StreamProcessor
 from extproc.store import SessionStore
 
 
 class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):  # type: ignore[misc]
-    def __init__(self, store: SessionStore, *, max_frame_bytes: int) -> None:
+    def __init__(
+        self,
+        store: SessionStore,
+        *,
+        max_frame_bytes: int,
+        max_sessions_per_identity: int = DEFAULT_MAX_SESSIONS_PER_IDENTITY,
+    ) -> None:
         self._store = store
         self._max_frame_bytes = max_frame_bytes
+        self._max_sessions = max_sessions_per_identity
 
     async def Process(
         self,
@@ -34,6 +42,7 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):  # type: ignor
             self._store,
             max_frame_bytes=self._max_frame_bytes,
             detach=metadata.get(WRITE_PATH_METADATA) == "detached",
+            max_sessions_per_identity=self._max_sessions,
         )
         timing = self._store.metrics.processor_message
         try:

@@ -15,6 +15,7 @@ import pytest
 from redis import asyncio as aioredis
 from redis_server import RedisServer
 
+from extproc.access import Access, mint_share
 from extproc.errors import SessionGone, SessionNotFound, StoreUnavailable
 from extproc.log import Cursor, EndState, SessionLog, WritePath
 from extproc.store import MemoryStore, RedisSettings, RedisStore, SessionStore, StoreLimits
@@ -150,6 +151,64 @@ async def test_ndjson_sessions_keep_their_content_type(pair: Pair) -> None:
     assert log.content_type == "application/x-ndjson"
     assert (log.state, log.reason) == (EndState.CANCELLED, "client left")
     assert await read_all(log) == [b'{"a":1}\n', b'{"b":2}\n']
+
+
+async def test_only_the_owner_or_a_share_token_reads_and_strangers_see_404(pair: Pair) -> None:
+    session = pair.writer.create(content_type=SSE, write_path=WritePath.DETACHED, owner="alice")
+    pair.writer.append(session, events(2))
+    await until_copied(pair, session)
+    sid = session.session_id
+    with pytest.raises(SessionNotFound) as unknown:
+        await pair.reader.lookup("B" * 22, access=Access.of("bob"))
+    for stranger in (Access.of("bob"), Access.of(None), Access.of("alice2")):
+        with pytest.raises(SessionNotFound) as refused:
+            await pair.reader.lookup(sid, access=stranger)
+        # The same answer as for an id that does not exist (only the id differs).
+        assert refused.value.json_body() == unknown.value.json_body().replace(
+            b"B" * 22, sid.encode()
+        )
+    assert (await pair.reader.lookup(sid, access=Access.of("alice"))).last_seq == 2
+
+    share = mint_share(60)
+    await pair.writer.add_share(sid, share.token_id, share.record)
+    assert (await pair.reader.lookup(sid, access=Access.of("bob", share.token))).last_seq == 2
+    forged = share.token[:-4] + ("AAAA" if not share.token.endswith("AAAA") else "BBBB")
+    for bad in (forged, share.token_id, "nope.nope", ""):
+        with pytest.raises(SessionNotFound):
+            await pair.reader.lookup(sid, access=Access.of("bob", bad))
+    with pytest.raises(SessionNotFound):  # read-only: never the owner's rights
+        await pair.reader.lookup(sid, access=Access.of("bob", share.token).for_owner())
+    other = pair.writer.create(content_type=SSE, write_path=WritePath.DETACHED, owner="alice")
+    await until_copied(pair, other)
+    with pytest.raises(SessionNotFound):  # a token opens its one session only
+        await pair.reader.lookup(other.session_id, access=Access.of("bob", share.token))
+
+    assert await pair.writer.revoke_share(sid, share.token_id)
+    assert not await pair.writer.revoke_share(sid, share.token_id)
+    with pytest.raises(SessionNotFound):
+        await pair.reader.lookup(sid, access=Access.of("bob", share.token))
+    expired = mint_share(0.05)
+    await pair.writer.add_share(sid, expired.token_id, expired.record)
+    await eventually("the token to expire", lambda: expired.record.expires_at < time.time())
+    with pytest.raises(SessionNotFound):
+        await pair.reader.lookup(sid, access=Access.of("bob", expired.token))
+
+
+async def test_sessions_without_an_owner_are_open_to_every_caller(pair: Pair) -> None:
+    session = pair.writer.create(content_type=SSE, write_path=WritePath.INLINE)
+    await until_copied(pair, session)
+    log = await pair.reader.lookup(session.session_id, access=Access.of("anyone"))
+    assert log.owner == ""
+
+
+async def test_open_sessions_are_counted_per_owner(pair: Pair) -> None:
+    first = pair.writer.create(content_type=SSE, write_path=WritePath.INLINE, owner="carol")
+    pair.writer.create(content_type=SSE, write_path=WritePath.INLINE, owner="carol")
+    pair.writer.create(content_type=SSE, write_path=WritePath.INLINE, owner="dave")
+    assert pair.writer.open_sessions("carol") == 2
+    pair.writer.end(first, EndState.DONE)
+    assert pair.writer.open_sessions("carol") == 1
+    assert pair.writer.open_sessions("nobody") == 0
 
 
 # What only a shared store has.

@@ -70,5 +70,7 @@ def make_app(store: SessionStore, generations: Generations) -> web.Application:
     app.router.add_delete("/relay/v1/sessions/{session}", sse.cancel)
     app.router.add_get("/relay/v1/sessions/{session}/events", sse.events)
     app.router.add_get("/relay/v1/sessions/{session}/ws", ws.websocket)
+    app.router.add_post("/relay/v1/sessions/{session}/share", sse.share)
+    app.router.add_delete("/relay/v1/sessions/{session}/share/{token_id}", sse.revoke_share)
     app.router.add_get("/relay/v1/demo/{name:[^/]*}", _demo)
     return app

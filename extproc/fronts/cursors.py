@@ -6,6 +6,7 @@ any other and every front counts resume outcomes the same way.
 
 from __future__ import annotations
 
+from extproc.access import Access
 from extproc.errors import MalformedEventId, SessionGone, SessionNotFound
 from extproc.framing import sse_data, sse_event_name
 from extproc.ids import EventId, parse_event_id
@@ -13,12 +14,12 @@ from extproc.log import Cursor, EndState, SessionLog
 from extproc.store import SessionStore
 
 
-async def open_cursor(store: SessionStore, event_id: EventId) -> Cursor:
+async def open_cursor(store: SessionStore, event_id: EventId, access: Access) -> Cursor:
     """A cursor after `event_id`; the id must be one this session has already sent.
 
     An ended session has one more id, `last_seq + 1`: that of the `relay.end` marker, after
     which nothing is left."""
-    log = await store.lookup(event_id.session, at_least=event_id.seq)
+    log = await store.lookup(event_id.session, at_least=event_id.seq, access=access)
     ended = log.state is not EndState.OPEN and not log.gone_reason
     if event_id.seq > log.last_seq and not (ended and event_id.seq == log.last_seq + 1):
         if log.state is EndState.OPEN and not log.gone_reason:
@@ -28,7 +29,12 @@ async def open_cursor(store: SessionStore, event_id: EventId) -> Cursor:
 
 
 async def resume_cursor(
-    store: SessionStore, text: str, *, protocol: str, session_id: str | None = None
+    store: SessionStore,
+    text: str,
+    access: Access,
+    *,
+    protocol: str,
+    session_id: str | None = None,
 ) -> Cursor:
     """A cursor for a client that came back with an event id; counts the outcome.
 
@@ -39,7 +45,7 @@ async def resume_cursor(
         event_id = parse_event_id(text)
         if session_id is not None and event_id.session != session_id:
             raise MalformedEventId("the event id belongs to another session")
-        cursor = await open_cursor(store, event_id)
+        cursor = await open_cursor(store, event_id, access)
     except MalformedEventId:
         resumes.labels("malformed").inc()
         raise

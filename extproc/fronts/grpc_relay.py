@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from extproc.access import IDENTITY_HEADER, SHARE_HEADER, Access
 from extproc.detached import Generations
 from extproc.errors import MalformedEventId, RelayError
 from extproc.fronts.cursors import event_fields, open_cursor, resume_cursor
@@ -42,24 +43,35 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
         self._store = store
         self._generations = generations
 
-    async def _cursor(self, request: SubscribeRequest) -> Cursor:
+    @staticmethod
+    def _access(context: _Context) -> Access:
+        # Envoy's identity and a share token arrive as metadata (gRPC's headers).
+        metadata = {key: value for key, value in context.invocation_metadata() or ()}
+        identity, token = metadata.get(IDENTITY_HEADER), metadata.get(SHARE_HEADER)
+        return Access.of(
+            identity if isinstance(identity, str) else None,
+            token if isinstance(token, str) else None,
+        )
+
+    async def _cursor(self, request: SubscribeRequest, access: Access) -> Cursor:
         if request.after:  # `session` may be left empty: the id names it
             session = request.session or None
             return await resume_cursor(
-                self._store, request.after, protocol="grpc", session_id=session
+                self._store, request.after, access, protocol="grpc", session_id=session
             )
         if not is_session_id(request.session):
             raise MalformedEventId("session ids are 22 URL-safe characters")
-        return await open_cursor(self._store, EventId(request.session, 0))  # a new reader
+        return await open_cursor(self._store, EventId(request.session, 0), access)  # new reader
 
     async def Subscribe(
         self, request: SubscribeRequest, context: _Context
     ) -> AsyncIterator[SubscribeResponse]:
         try:
-            cursor = await self._cursor(request)
+            access = self._access(context)
+            cursor = await self._cursor(request, access)
             log = cursor.log
             metrics = self._store.metrics
-            with self._generations.reading(cursor, protocol="grpc"):
+            with self._generations.reading(cursor, protocol="grpc", identity=access.identity):
                 async for batch in cursor.batches():
                     first = cursor.seq - len(batch) + 1
                     for i, raw in enumerate(batch):

@@ -19,12 +19,21 @@ import json
 import aiohttp
 from aiohttp import web
 
-from extproc.detached import HOP_BY_HOP, Generations
+from extproc.access import (
+    DEFAULT_SHARE_TTL_S,
+    IDENTITY_HEADER,
+    SHARE_HEADER,
+    SHARE_QUERY,
+    Access,
+    mint_share,
+)
+from extproc.detached import HOP_BY_HOP, Generations, owner_of
 from extproc.errors import (
     MalformedEventId,
     RelayError,
     SessionConflict,
     SessionGone,
+    SessionNotFound,
     StoreUnavailable,
 )
 from extproc.fronts.cursors import open_cursor, resume_cursor
@@ -47,6 +56,12 @@ def error_response(error: RelayError) -> web.Response:
     )
 
 
+def access_of(request: web.Request) -> Access:
+    """Envoy's identity for this request, and a share token if one is presented."""
+    token = request.headers.get(SHARE_HEADER) or request.query.get(SHARE_QUERY)
+    return Access.of(request.headers.get(IDENTITY_HEADER), token)
+
+
 def session_from_path(request: web.Request) -> str:
     session_id = request.match_info["session"]
     if not is_session_id(session_id):
@@ -57,10 +72,11 @@ def session_from_path(request: web.Request) -> str:
 async def reader_cursor(request: web.Request, session_id: str, *, protocol: str = "sse") -> Cursor:
     """Where a reader starts: `Last-Event-ID` (an EventSource reconnecting), else `?after=`."""
     store = request.app[STORE_KEY]
+    access = access_of(request)
     text = request.headers.get(LAST_EVENT_ID_HEADER) or request.query.get("after")
     if text:
-        return await resume_cursor(store, text, protocol=protocol, session_id=session_id)
-    return await open_cursor(store, EventId(session_id, 0))  # a new reader, not a resume
+        return await resume_cursor(store, text, access, protocol=protocol, session_id=session_id)
+    return await open_cursor(store, EventId(session_id, 0), access)  # a new reader
 
 
 def _stream_headers(log: SessionLog, content_type: str) -> dict[str, str]:
@@ -76,7 +92,8 @@ async def stream_cursor(request: web.Request, cursor: Cursor) -> web.StreamRespo
     """Original-endpoint semantics: the logged bytes, history then live, as the upstream sent."""
     log = cursor.log
     metrics = request.app[STORE_KEY].metrics
-    with request.app[GENERATIONS_KEY].reading(cursor, protocol="http"):
+    identity = access_of(request).identity
+    with request.app[GENERATIONS_KEY].reading(cursor, protocol="http", identity=identity):
         response = web.StreamResponse(headers=_stream_headers(log, log.content_type))
         await response.prepare(request)
         try:
@@ -105,7 +122,9 @@ async def resume(request: web.Request) -> web.StreamResponse:
     """A repeated request that carries `Last-Event-ID`: answered from the log."""
     try:
         text = request.headers.get(LAST_EVENT_ID_HEADER, "")
-        cursor = await resume_cursor(request.app[STORE_KEY], text, protocol="http")
+        cursor = await resume_cursor(
+            request.app[STORE_KEY], text, access_of(request), protocol="http"
+        )
         return await stream_cursor(request, cursor)
     except RelayError as error:
         return error_response(error)
@@ -118,7 +137,7 @@ async def detach(request: web.Request) -> web.StreamResponse:
         upstream = await generations.open(request, request.match_info["tail"])
     except RelayError as error:
         return error_response(error)
-    session = generations.start(upstream)
+    session = generations.start(upstream, owner=owner_of(request))
     if session is None:
         return await _pass_through(request, upstream)
     try:
@@ -168,7 +187,8 @@ async def events(request: web.Request) -> web.StreamResponse:
         if log.state is not EndState.OPEN and cursor.seq > log.last_seq:
             return web.Response(status=204)  # it saw relay.end: tells EventSource to stop
         metrics = request.app[STORE_KEY].metrics
-        with request.app[GENERATIONS_KEY].reading(cursor, protocol="sse"):
+        identity = access_of(request).identity
+        with request.app[GENERATIONS_KEY].reading(cursor, protocol="sse", identity=identity):
             response = web.StreamResponse(headers=_stream_headers(log, "text/event-stream"))
             await response.prepare(request)
             try:
@@ -208,7 +228,8 @@ async def session_json(
 
 async def session_info(request: web.Request) -> web.Response:
     try:
-        log = await request.app[STORE_KEY].lookup(session_from_path(request))
+        access = access_of(request)
+        log = await request.app[STORE_KEY].lookup(session_from_path(request), access=access)
     except RelayError as error:
         return error_response(error)
     info = await session_json(log, request.app[GENERATIONS_KEY], request.app[STORE_KEY])
@@ -221,7 +242,8 @@ async def cancel(request: web.Request) -> web.Response:
     generations = request.app[GENERATIONS_KEY]
     store = request.app[STORE_KEY]
     try:
-        log = await store.lookup(session_from_path(request))
+        access = access_of(request).for_owner()
+        log = await store.lookup(session_from_path(request), access=access)
         if log.state is not EndState.OPEN:
             raise SessionConflict(f"session already ended {log.state.value}")
         if log.write_path is not WritePath.DETACHED:
@@ -237,3 +259,40 @@ async def cancel(request: web.Request) -> web.Response:
                 await log.wait_beyond(log.last_seq)
     status = 202 if log.state is EndState.OPEN else 200
     return web.json_response(await session_json(log, generations, store), status=status)
+
+
+async def share(request: web.Request) -> web.Response:
+    """POST /relay/v1/sessions/{id}/share[?ttl=<seconds>]: the owner mints a read-only token
+    for this one session (201); readers present it as `x-relay-share` or `?share=`."""
+    store = request.app[STORE_KEY]
+    try:
+        session_id = session_from_path(request)
+        await store.lookup(session_id, access=access_of(request).for_owner())
+        try:
+            ttl_s = float(request.query.get("ttl", DEFAULT_SHARE_TTL_S))
+        except ValueError:
+            raise MalformedEventId("ttl must be a number of seconds") from None
+        new = mint_share(ttl_s)
+        await store.add_share(session_id, new.token_id, new.record)
+    except RelayError as error:
+        return error_response(error)
+    body = {
+        "token": new.token,
+        "token_id": new.token_id,
+        "expires_at": new.record.expires_at,
+        "events_url": f"/relay/v1/sessions/{session_id}/events?{SHARE_QUERY}={new.token}",
+    }
+    return web.json_response(body, status=201)
+
+
+async def revoke_share(request: web.Request) -> web.Response:
+    """DELETE /relay/v1/sessions/{id}/share/{token_id}: the owner revokes a token (204)."""
+    store = request.app[STORE_KEY]
+    try:
+        session_id = session_from_path(request)
+        await store.lookup(session_id, access=access_of(request).for_owner())
+        if not await store.revoke_share(session_id, request.match_info["token_id"]):
+            raise SessionNotFound("no such share token")
+    except RelayError as error:
+        return error_response(error)
+    return web.Response(status=204)

@@ -18,6 +18,7 @@ from extproc.fronts.cursors import event_fields
 from extproc.fronts.sse import (
     GENERATIONS_KEY,
     STORE_KEY,
+    access_of,
     error_response,
     reader_cursor,
     session_from_path,
@@ -87,7 +88,8 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     """GET /relay/v1/sessions/{id}/ws[?after=<event id>]."""
     try:
         cursor = await reader_cursor(request, session_from_path(request), protocol="ws")
-        with request.app[GENERATIONS_KEY].reading(cursor, protocol="ws"):
+        identity = access_of(request).identity
+        with request.app[GENERATIONS_KEY].reading(cursor, protocol="ws", identity=identity):
             ws = web.WebSocketResponse(heartbeat=HEARTBEAT_S, max_msg_size=MAX_CLIENT_MESSAGE_BYTES)
             await ws.prepare(request)
             await _serve(ws, cursor, request.app[STORE_KEY].metrics)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
+from extproc.access import OPEN, Access, ShareRecord
 from extproc.log import EndState, SessionLog, WritePath
 from extproc.metrics import RelayMetrics
 
@@ -17,17 +18,29 @@ class SessionStore(Protocol):
     on_cancel: Callable[[str], bool]
     reader_counts: Callable[[], dict[str, int]]
 
-    def create(self, *, content_type: str, write_path: WritePath) -> SessionLog: ...
+    def create(
+        self, *, content_type: str, write_path: WritePath, owner: str = ""
+    ) -> SessionLog: ...
 
     def append(self, log: SessionLog, events: list[bytes]) -> bool: ...
 
     def end(self, log: SessionLog, state: EndState, reason: str = "") -> None: ...
 
-    async def lookup(self, session_id: str, *, at_least: int = 0) -> SessionLog:
-        """The log of a session, wherever it was written; raises SessionNotFound, SessionGone
-        or StoreUnavailable. `at_least`: a seq the caller saw, worth a short wait for a copy
-        that lags its writer."""
+    async def lookup(
+        self, session_id: str, *, at_least: int = 0, access: Access = OPEN
+    ) -> SessionLog:
+        """The log of a session, wherever it was written; raises SessionNotFound (also when
+        `access` may not read it), SessionGone or StoreUnavailable. `at_least`: a seq the
+        caller saw, worth a short wait for a copy that lags its writer."""
         ...
+
+    def open_sessions(self, owner: str) -> int:
+        """Open sessions this node writes for `owner` (the per-identity limit)."""
+        ...
+
+    async def add_share(self, session_id: str, token_id: str, record: ShareRecord) -> None: ...
+
+    async def revoke_share(self, session_id: str, token_id: str) -> bool: ...
 
     def readers_changed(self, session_id: str) -> None:
         """A reader started or stopped on this node (shared stores announce it)."""

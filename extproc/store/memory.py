@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 from cachetools import LRUCache
 
-from extproc.errors import ConfigError, SessionGone, SessionNotFound
+from extproc.access import MAX_SHARES_PER_SESSION, OPEN, Access, ShareRecord
+from extproc.errors import ConfigError, LimitExceeded, SessionGone, SessionNotFound
 from extproc.ids import new_session_id
 from extproc.log import EVENT_OVERHEAD_BYTES, EndState, SessionLog, WritePath
 from extproc.metrics import RelayMetrics
@@ -82,7 +83,12 @@ class MemoryStore:
         self._clock = clock
         self._logs = LogCache(self.limits.max_bytes, self._evicted)
         self._expiries: deque[tuple[float, SessionLog]] = deque()
-        self._tombstones: LRUCache[str, str] = LRUCache(maxsize=max(1, self.limits.tombstones))
+        # Dropped sessions: (why, owner), so only whoever could read one hears it is gone.
+        self._tombstones: LRUCache[str, tuple[str, str]] = LRUCache(
+            maxsize=max(1, self.limits.tombstones)
+        )
+        self._shares: dict[str, dict[str, ShareRecord]] = {}
+        self._open_by_owner: dict[str, int] = {}
         self.evictions = 0
         self.expirations = 0
         self.on_cancel: Callable[[str], bool] = lambda _: False
@@ -95,10 +101,14 @@ class MemoryStore:
     def __len__(self) -> int:
         return len(self._logs)
 
-    def create(self, *, content_type: str, write_path: WritePath) -> SessionLog:
+    def create(self, *, content_type: str, write_path: WritePath, owner: str = "") -> SessionLog:
         self._expire()
-        log = SessionLog(new_session_id(), content_type=content_type, write_path=write_path)
+        log = SessionLog(
+            new_session_id(), content_type=content_type, write_path=write_path, owner=owner
+        )
         self._logs[log.session_id] = log
+        if owner:
+            self._open_by_owner[owner] = self._open_by_owner.get(owner, 0) + 1
         self.metrics.sessions_started.labels(write_path.value).inc()
         self.metrics.sessions_active.labels(write_path.value).inc()
         return log
@@ -108,13 +118,37 @@ class MemoryStore:
         log = self._logs.get(session_id)
         if log is not None:
             return log
-        reason = self._tombstones.get(session_id)
-        if reason is not None:
-            raise SessionGone(f"session {session_id} was {reason}; its events are no longer kept")
+        gone = self._tombstones.get(session_id)
+        if gone is not None:
+            raise SessionGone(f"session {session_id} was {gone[0]}; its events are no longer kept")
         raise SessionNotFound(f"no session {session_id}")
 
-    async def lookup(self, session_id: str, *, at_least: int = 0) -> SessionLog:
-        return self.get(session_id)  # one process: the log is complete, nothing to wait for
+    async def lookup(
+        self, session_id: str, *, at_least: int = 0, access: Access = OPEN
+    ) -> SessionLog:
+        # One process: the log is complete, nothing to wait for.
+        try:
+            log = self.get(session_id)
+        except SessionGone:
+            if not access.admits(self._tombstones[session_id][1], None):
+                raise SessionNotFound(f"no session {session_id}") from None
+            raise
+        share = self._shares.get(session_id, {}).get(access.token_id)
+        if not access.admits(log.owner, share):
+            raise SessionNotFound(f"no session {session_id}")  # exactly as if unknown
+        return log
+
+    def open_sessions(self, owner: str) -> int:
+        return self._open_by_owner.get(owner, 0)
+
+    async def add_share(self, session_id: str, token_id: str, record: ShareRecord) -> None:
+        shares = self._shares.setdefault(session_id, {})
+        if len(shares) >= MAX_SHARES_PER_SESSION:
+            raise LimitExceeded(f"a session has at most {MAX_SHARES_PER_SESSION} share tokens")
+        shares[token_id] = record
+
+    async def revoke_share(self, session_id: str, token_id: str) -> bool:
+        return self._shares.get(session_id, {}).pop(token_id, None) is not None
 
     def peek(self, session_id: str) -> SessionLog | None:
         """The log if this store holds it (None otherwise, no error and no tombstone)."""
@@ -159,6 +193,12 @@ class MemoryStore:
         if log.state is not EndState.OPEN:
             return
         log.end(state, reason)
+        if log.owner:
+            left = self._open_by_owner[log.owner] - 1
+            if left:
+                self._open_by_owner[log.owner] = left
+            else:
+                del self._open_by_owner[log.owner]
         path = log.write_path.value
         self.metrics.sessions_ended.labels(path, state.value).inc()
         self.metrics.sessions_active.labels(path).dec()
@@ -193,5 +233,6 @@ class MemoryStore:
     def _drop(self, log: SessionLog, reason: str) -> None:
         self.metrics.store_drops.labels(reason).inc()
         if self.limits.tombstones:
-            self._tombstones[log.session_id] = reason
+            self._tombstones[log.session_id] = (reason, log.owner)
+        self._shares.pop(log.session_id, None)
         log.drop(reason)

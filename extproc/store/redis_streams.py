@@ -9,8 +9,9 @@ blocking reads, so every front and every cursor reads one kind of log.
 Keys of one session share a hash tag, so one script can touch them all (Redis Cluster too):
   {prefix}:{<id>}:events   stream; entry `0-<seq>` holds event <seq> in field `d`; the end
                            marker `0-<last_seq+1>` (fields `end`, `reason`) comes with the end
-  {prefix}:{<id>}:meta     hash: state, reason, last_seq, content_type, write_path, node
-  {prefix}:{<id>}:gone     written at the end and kept a day longer: 410 instead of 404
+  {prefix}:{<id>}:meta     hash: state, reason, last_seq, content_type, write_path, node, owner
+  {prefix}:{<id>}:gone     the owner, written at the end and kept a day longer: 410, not 404
+  {prefix}:{<id>}:shares   hash: share token id -> "<expiry> <sha256 of its secret>"
   {prefix}:{<id>}:readers  hash: node -> "<readers> <expiry ms>", who reads the session where
   {prefix}:node:<node>     a writing node's lease; when it lapses, its open sessions fail
   {prefix}:cancel          pub/sub channel of session ids whose generation should stop
@@ -32,7 +33,14 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import RedisError
 
-from extproc.errors import ConfigError, SessionGone, SessionNotFound, StoreUnavailable
+from extproc.access import MAX_SHARES_PER_SESSION, OPEN, Access, ShareRecord
+from extproc.errors import (
+    ConfigError,
+    LimitExceeded,
+    SessionGone,
+    SessionNotFound,
+    StoreUnavailable,
+)
 from extproc.log import EndState, SessionLog, WritePath
 from extproc.metrics import RelayMetrics
 from extproc.store.memory import LogCache, MemoryStore, StoreLimits
@@ -70,10 +78,11 @@ if count > 0 and first + count - 1 > n then last = first + count - 1 end
 local b = 2 + count
 local state = ARGV[b + 1]
 redis.call('HSET', KEYS[2], 'state', state, 'reason', ARGV[b + 2], 'last_seq', last,
-  'content_type', ARGV[b + 5], 'write_path', ARGV[b + 6], 'node', ARGV[b + 7])
+  'content_type', ARGV[b + 5], 'write_path', ARGV[b + 6], 'node', ARGV[b + 7],
+  'owner', ARGV[b + 8])
 if state ~= 'open' then
   redis.call('XADD', KEYS[1], '0-' .. (last + 1), 'end', state, 'reason', ARGV[b + 2])
-  redis.call('SET', KEYS[3], 'expired', 'PX', ARGV[b + 4])
+  redis.call('SET', KEYS[3], ARGV[b + 8], 'PX', ARGV[b + 4])
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[b + 3])
 redis.call('PEXPIRE', KEYS[2], ARGV[b + 3])
@@ -87,7 +96,7 @@ if redis.call('HGET', KEYS[2], 'state') ~= 'open' then return 0 end
 local n = redis.call('XLEN', KEYS[1])
 redis.call('XADD', KEYS[1], '0-' .. (n + 1), 'end', 'failed', 'reason', ARGV[1])
 redis.call('HSET', KEYS[2], 'state', 'failed', 'reason', ARGV[1], 'last_seq', n)
-redis.call('SET', KEYS[3], 'expired', 'PX', ARGV[3])
+redis.call('SET', KEYS[3], redis.call('HGET', KEYS[2], 'owner') or '', 'PX', ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
 return 1
@@ -122,6 +131,7 @@ class _Keys:
         self.meta = f"{base}:meta"
         self.gone = f"{base}:gone"
         self.readers = f"{base}:readers"
+        self.shares = f"{base}:shares"
 
 
 _Entry = tuple[bytes, dict[bytes, bytes]]
@@ -130,6 +140,13 @@ _Entry = tuple[bytes, dict[bytes, bytes]]
 def _entries(reply: object) -> list[_Entry]:
     """Stream entries as this client returns them (bytes, RESP2); redis-py types them loosely."""
     return cast(list[_Entry], reply or [])
+
+
+def _share_record(value: bytes | None) -> ShareRecord | None:
+    if value is None:
+        return None
+    expires_at, _, digest = value.decode().partition(" ")
+    return ShareRecord(digest, float(expires_at))
 
 
 def _seq(entry_id: bytes) -> int:
@@ -178,8 +195,8 @@ class RedisStore:
 
     # The writer side: this node's sessions, in memory first, copied to Redis behind.
 
-    def create(self, *, content_type: str, write_path: WritePath) -> SessionLog:
-        session = self._local.create(content_type=content_type, write_path=write_path)
+    def create(self, *, content_type: str, write_path: WritePath, owner: str = "") -> SessionLog:
+        session = self._local.create(content_type=content_type, write_path=write_path, owner=owner)
         self._flushed[session.session_id] = 0
         self._mark(session)
         return session
@@ -200,23 +217,30 @@ class RedisStore:
 
     # The reader side.
 
-    async def lookup(self, session_id: str, *, at_least: int = 0) -> SessionLog:
+    async def lookup(
+        self, session_id: str, *, at_least: int = 0, access: Access = OPEN
+    ) -> SessionLog:
         own = self._local.peek(session_id)
-        if own is not None and session_id in self._flushed:
+        if own is not None and session_id in self._flushed and access.admits(own.owner, None):
             return own  # Redis does not hold all of it yet; this node does
         keys = _Keys(self.settings.prefix, session_id)
         try:
+            # One round trip whether the session exists, is gone or is someone else's: the
+            # answer's timing does not tell them apart.
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.hgetall(keys.meta)
-                pipe.exists(keys.gone)
-                meta, gone = await pipe.execute()
+                pipe.get(keys.gone)
+                pipe.hget(keys.shares, access.token_id or "-")
+                meta, gone, share = await pipe.execute()
         except RedisError as exc:
             self._failed("lookup", exc)
             raise StoreUnavailable("the session store (Redis) cannot be reached") from exc
         if not meta:
-            if gone:
+            if gone is not None and access.admits(gone.decode(), None):
                 raise SessionGone(f"session {session_id} expired; its events are no longer kept")
             raise SessionNotFound(f"no session {session_id}")
+        if not access.admits(meta.get(b"owner", b"").decode(), _share_record(share)):
+            raise SessionNotFound(f"no session {session_id}")  # exactly as if unknown
         session = own or self._mirrors.get(session_id) or await self._mirror(session_id, meta)
         if at_least > session.last_seq and session.state is EndState.OPEN:
             # The writer has sent this id to its client; the copy here may lag a little.
@@ -238,6 +262,7 @@ class RedisStore:
             session_id,
             content_type=meta.get(b"content_type", b"").decode(),
             write_path=WritePath(meta.get(b"write_path", b"inline").decode()),
+            owner=meta.get(b"owner", b"").decode(),
         )
         for entry_id, fields in _entries(entries):
             if _seq(entry_id) != mirror.last_seq + 1:
@@ -299,6 +324,35 @@ class RedisStore:
         if ended:
             self.metrics.producers_lost.inc()
             log.warning("session %s failed: its node %s lost its lease", keys.meta, node)
+
+    def open_sessions(self, owner: str) -> int:
+        return self._local.open_sessions(owner)
+
+    async def add_share(self, session_id: str, token_id: str, record: ShareRecord) -> None:
+        keys = _Keys(self.settings.prefix, session_id)
+        ttl_ms = int((record.expires_at - time.time() + self.limits.ended_ttl_s) * 1000)
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.hlen(keys.shares)
+                pipe.hset(keys.shares, token_id, f"{record.expires_at} {record.digest}")
+                pipe.pexpire(keys.shares, ttl_ms, gt=True)
+                pipe.pexpire(keys.shares, ttl_ms, nx=True)
+                count = (await pipe.execute())[0]
+        except RedisError as exc:
+            self._failed("lookup", exc)
+            raise StoreUnavailable("the session store (Redis) cannot be reached") from exc
+        if count >= MAX_SHARES_PER_SESSION:
+            await self.revoke_share(session_id, token_id)
+            raise LimitExceeded(f"a session has at most {MAX_SHARES_PER_SESSION} share tokens")
+
+    async def revoke_share(self, session_id: str, token_id: str) -> bool:
+        try:
+            return bool(
+                await self._redis.hdel(_Keys(self.settings.prefix, session_id).shares, token_id)
+            )
+        except RedisError as exc:
+            self._failed("lookup", exc)
+            raise StoreUnavailable("the session store (Redis) cannot be reached") from exc
 
     def readers_changed(self, session_id: str) -> None:
         self._beat_now.set()  # tell the other nodes at once, not at the next beat
@@ -394,6 +448,7 @@ class RedisStore:
                             session.content_type,
                             session.write_path.value,
                             self.node_id,
+                            session.owner,
                         ],
                         client=pipe,
                     )
