@@ -133,7 +133,7 @@ def markdown(report: Json) -> str:
         "| scenario | ev/s | p50 ms | p99 ms | max ms | TTFT p50 / p99 ms | "
         + " | ".join(f"{r} µs/ev" for r in ROLES)
         + " | relay / peer RSS MB | saturation ev/s |",
-        "|---" * (7 + len(ROLES)) + "|",
+        "|---" * (8 + len(ROLES)) + "|",
     ]
     for name, row in report["scenarios"].items():
         if row.get("status") != "ok":
