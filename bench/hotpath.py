@@ -88,19 +88,29 @@ def main() -> int:
             time.sleep(0.05)
         port = __import__("json").loads(ports.read_text())["grpc_port"]
         client = subprocess.Popen(
-            [sys.executable, __file__, "--client-port", str(port), "--streams",
-             str(args.streams), "--chunks", str(args.chunks)],
+            [
+                sys.executable,
+                __file__,
+                "--client-port",
+                str(port),
+                "--streams",
+                str(args.streams),
+                "--chunks",
+                str(args.chunks),
+            ],
             stdout=subprocess.PIPE,
-        )  # fmt: skip
+        )
         assert client.stdout is not None
         client.stdout.readline()
         before, t0 = procstat.sample({"server": server.pid})["server"], time.monotonic()
         client.wait()
         after, wall = procstat.sample({"server": server.pid})["server"], time.monotonic() - t0
         messages = args.streams * args.chunks
-        print(f"{args.servicer}: {messages} body messages in {wall:.2f} s "
-              f"({messages / wall:,.0f}/s), server CPU "
-              f"{(after.cpu_s - before.cpu_s) * 1e6 / messages:.1f} µs/message")  # fmt: skip
+        print(
+            f"{args.servicer}: {messages} body messages in {wall:.2f} s "
+            f"({messages / wall:,.0f}/s), server CPU "
+            f"{(after.cpu_s - before.cpu_s) * 1e6 / messages:.1f} µs/message"
+        )
     finally:
         server.terminate()
         server.wait()
