@@ -1,6 +1,6 @@
 """The `stream-relay` command: `up` (the whole stack), `serve` (relay node only),
-`demo-upstream`, `envoy-config` (print the rendered Envoy config) and `status` (a summary of a
-running relay node, from its metrics).
+`demo-upstream`, `envoy-config` (print the rendered Envoy config), `status` (a summary of a
+running relay node, from its metrics) and `bench` (extproc/bench/).
 
 Invalid flags or configuration print one line naming the problem and exit with status 2.
 """
@@ -288,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_INTERVAL_S,
         help=f"seconds between the two scrapes that give rates (default {DEFAULT_INTERVAL_S:g})",
     )
+    from extproc.bench.command import add_parser as add_bench_parser
+
+    add_bench_parser(commands)
     return parser
 
 
@@ -351,6 +354,10 @@ def main(argv: list[str] | None = None) -> int:
 
             asyncio.run(serve(_node_settings(args), args.ports_file))
             return 0
+        if args.command == "bench":
+            from extproc.bench.command import main as bench
+
+            return bench(args)
         if args.command == "status":
             from extproc.status import run
 

@@ -18,6 +18,16 @@ from extproc.log import EndState
 from extproc.processor import WRITE_PATH_METADATA, StreamProcessor
 from extproc.store import SessionStore
 
+# The ProcessingRequest oneof names (also the `phase` label of relay_processor_message_seconds).
+_KINDS = (
+    "request_headers",
+    "response_headers",
+    "request_body",
+    "response_body",
+    "request_trailers",
+    "response_trailers",
+)
+
 
 class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     def __init__(
@@ -30,6 +40,9 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):  # type: ignor
         self._store = store
         self._max_frame_bytes = max_frame_bytes
         self._max_sessions = max_sessions_per_identity
+        # The timing histogram's child per message kind, looked up once, not per message.
+        timing = store.metrics.processor_message
+        self._timings = {kind: timing.labels(kind) for kind in _KINDS}
 
     async def Process(
         self,
@@ -44,12 +57,12 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):  # type: ignor
             detach=metadata.get(WRITE_PATH_METADATA) == "detached",
             max_sessions_per_identity=self._max_sessions,
         )
-        timing = self._store.metrics.processor_message
+        timings = self._timings
         try:
             async for request in request_iterator:
                 started = time.perf_counter()
                 response = processor.handle(request)
-                timing.labels(request.WhichOneof("request")).observe(time.perf_counter() - started)
+                timings[request.WhichOneof("request")].observe(time.perf_counter() - started)
                 if response is not None:
                     yield response
         finally:

@@ -1,0 +1,171 @@
+"""`stream-relay bench`: its pure parts (percentiles, the load generator's HTTP parser, report
+checks and tables) and one tiny run of two scenarios through the real harness."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from extproc.bench import peers, report
+from extproc.bench.loadgen import Response
+from extproc.bench.runner import QUICK, Load, measure, sweep
+from extproc.bench.scenarios import running
+from extproc.bench.stats import expected_events, percentile, summary
+from extproc.cli import build_parser
+from extproc.supervisor import Stack
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 0.5) == 50.0
+    assert percentile(values, 0.99) == 99.0
+    assert percentile(values, 1.0) == 100.0
+    assert percentile([7.0], 0.99) == 7.0
+    assert math.isnan(percentile([], 0.5))
+    assert summary([3.0, 1.0, 2.0]) == {"p50": 2.0, "p99": 3.0, "max": 3.0}
+
+
+def test_expected_events_counts_the_schedule_inside_the_window() -> None:
+    # events at 10.0, 10.1, ... 10.9 (10 events at 10/s)
+    assert expected_events(10.0, 10.0, 10, 0.0, 100.0) == 10
+    assert expected_events(10.0, 10.0, 10, 10.25, 10.55) == 3  # 10.3, 10.4, 10.5
+    assert expected_events(10.0, 10.0, 10, 11.0, 12.0) == 0
+    assert expected_events(10.0, 0.0, 5, 9.0, 11.0) == 5  # unpaced: all at once
+
+
+async def _parse(raw: bytes, step: int) -> tuple[bytes, Response, bytes]:
+    body: list[bytes] = []
+    response = Response(lambda data, now: body.append(data))
+    rest = b""
+    for i in range(0, len(raw), step):
+        rest = response.feed(raw[i : i + step], 0.0)
+    return b"".join(body), response, rest
+
+
+@pytest.mark.parametrize("step", [1, 3, 1000])
+async def test_response_parser_dechunks_at_any_split(step: int) -> None:
+    raw = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Relay-Session: abc\r\n\r\n"
+        b"5\r\nhello\r\nc;ext=1\r\n, SSE world\n\r\n0\r\n\r\n"
+    )
+    body, response, rest = await _parse(raw, step)
+    assert body == b"hello, SSE world\n"
+    assert response.status == 200 and response.headers["x-relay-session"] == "abc"
+    assert response.done.done() and rest == b""
+
+
+async def test_response_parser_sized_body_leaves_the_next_response() -> None:
+    raw = b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\nnoHTTP/1.1"
+    body, response, rest = await _parse(raw, len(raw))
+    assert (body, response.status, rest) == (b"no", 404, b"HTTP/1.1")
+
+
+def _row(**over: Any) -> dict[str, Any]:
+    row = {
+        "status": "ok",
+        "events_per_s": 100.0,
+        "latency_ms": {"p50": 1.0, "p99": 2.0, "max": 3.0},
+        "ttft_ms": {"p50": 5.0, "p99": 6.0},
+        "cpu_us_per_event": {"relay": 30.0, "envoy": 20.0, "loadgen": 10.0},
+        "rss_mb": {"relay": 50.0, "loadgen": 20.0},
+    }
+    return {**row, **over}
+
+
+def _report(**scenarios: dict[str, Any]) -> dict[str, Any]:
+    ok = [n for n, r in scenarios.items() if r.get("status") == "ok"]
+    return {
+        "machine": {"cores": 2, "cpu_model": "x", "load_avg_start": [0.1, 0.2, 0.3]},
+        "load": {
+            "events_per_s": 100,
+            "streams": 2,
+            "rate": [20, 100],
+            "ttft_ms": [0, 0],
+            "tokens": [1, 2],
+            "duration_s": 1,
+            "warmup_s": 0,
+        },
+        "scenarios": scenarios,
+        "saturation": {
+            n: {"events_per_s": 100.0, "lower_bound": True, "p99_bound_ms": 25.0, "levels": []}
+            for n in ok
+        },
+    }
+
+
+def test_schema_accepts_a_good_report_and_names_what_is_wrong() -> None:
+    good = _report(envoy=_row(), pushpin={"status": "unavailable", "reason": "no apt"})
+    assert report.schema_errors(good) == []
+    bad = _report(envoy=_row(latency_ms={"p50": 3.0, "p99": 2.0, "max": 4.0}, events_per_s=0.0))
+    errors = report.schema_errors(bad)
+    assert any("not positive" in e for e in errors)
+    assert any("not ordered" in e for e in errors)
+    missing = _report(envoy={k: v for k, v in _row().items() if k != "ttft_ms"})
+    assert report.schema_errors(missing) == ["envoy.ttft_ms missing"]
+    assert report.schema_errors(_report(x={"status": "failed"})) == [
+        "x: status 'failed' without a reason"
+    ]
+
+
+def test_targets_and_markdown() -> None:
+    inline = _row(latency_ms={"p50": 1.3, "p99": 5.0, "max": 9.0})
+    noop = _row(cpu_us_per_event={"relay": 20.0, "loadgen": 1.0})
+    result = _report(envoy=_row(), relay_inline=inline, extproc_noop=noop)
+    found = {t["target"]: t for t in report.targets(result)}
+    p50 = found["relay_inline adds ≤0.5 ms p50 over envoy"]
+    assert p50["value"] == pytest.approx(0.3) and p50["met"]
+    assert not found["relay_inline adds ≤2.0 ms p99 over envoy"]["met"]
+    assert found["relay CPU per event ≤1.25x extproc_noop's"]["value"] == pytest.approx(1.5)
+    table = report.markdown(result)
+    assert "| relay_inline | 100 | 1.30 | 5.00 | 9.00 |" in table
+    assert "**no**" in table
+
+
+def test_cli_has_the_bench_subcommand() -> None:
+    args = build_parser().parse_args(["bench", "--quick", "--json", "r.json", "--out", "d"])
+    assert (args.command, args.quick, args.json, args.out) == (
+        "bench",
+        True,
+        Path("r.json"),
+        Path("d"),
+    )
+
+
+@pytest.fixture
+def upstream(tmp_path: Path) -> Iterator[tuple[Stack, int]]:
+    stack = Stack(tmp_path / "upstream")
+    stack.workdir.mkdir()
+    try:
+        yield stack, peers.start_upstream(stack)
+    finally:
+        peers.stop(stack)
+
+
+def test_tiny_run_through_the_real_harness(upstream: tuple[Stack, int], tmp_path: Path) -> None:
+    """direct and relay_inline, 2 streams x ~20 events: every required key, sane values."""
+    stack, port = upstream
+    load = Load(
+        events_per_s=100,
+        duration_s=1.0,
+        warmup_s=0.0,
+        rate=(50, 50),
+        ttft_ms=(0, 0),
+        tokens=(18, 18),
+    )
+    result = _report()
+    for name in ("direct", "relay_inline"):
+        with running(name, port, stack.children[0].process.pid, tmp_path / name) as target:
+            main = measure(target, load)
+            result["scenarios"][name] = {"status": "ok", **main}
+            result["saturation"][name] = sweep(target, QUICK, main)
+        assert main["events_per_s"] > 0 and main["errors"] == 0
+        tagged = main["tagged_fraction"]
+        assert tagged >= 1.0 if name == "relay_inline" else tagged == 0.0
+        assert main["cpu_us_per_event"]["loadgen"] > 0
+    assert report.schema_errors(result) == []
+    assert "relay" in result["scenarios"]["relay_inline"]["cpu_us_per_event"]
+    report.markdown(result)
