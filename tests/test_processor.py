@@ -8,6 +8,7 @@ reading of the same bytes, whatever the chunk split."""
 from __future__ import annotations
 
 import itertools
+import json
 import re
 from pathlib import Path
 
@@ -506,3 +507,34 @@ def test_other_phases_continue_unchanged() -> None:
     reply = on_wire(processor.handle(ProcessingRequest(response_trailers=trailers)))
     assert reply.HasField("response_trailers")
     assert processor.handle(ProcessingRequest()) is None
+
+
+# --- ownership and the per-identity session limit ------------------------------------------
+
+
+def test_inline_sessions_belong_to_envoys_identity_and_a_full_quota_gets_429() -> None:
+    store = MemoryStore()
+    owned = []
+    for _ in range(2):
+        processor = StreamProcessor(store, max_frame_bytes=1 << 20, max_sessions_per_identity=2)
+        reply = on_wire(processor.handle(request_headers({"x-relay-identity": "key:alice"})))
+        assert reply.WhichOneof("response") == "request_headers"
+        processor.handle(response_headers(200, "text/event-stream"))
+        assert processor.session is not None and processor.session.owner == "key:alice"
+        owned.append(processor)
+
+    third = StreamProcessor(store, max_frame_bytes=1 << 20, max_sessions_per_identity=2)
+    refused = on_wire(third.handle(request_headers({"x-relay-identity": "key:alice"})))
+    assert refused.WhichOneof("response") == "immediate_response"
+    assert refused.immediate_response.status.code == 429
+    assert json.loads(refused.immediate_response.body)["error"]["code"] == "limit_exceeded"
+    assert third.session is None
+
+    other = StreamProcessor(store, max_frame_bytes=1 << 20, max_sessions_per_identity=2)
+    reply = on_wire(other.handle(request_headers({"x-relay-identity": "key:bob"})))
+    assert reply.WhichOneof("response") == "request_headers"  # another identity's own quota
+
+    owned[0].handle(body_chunk(b"data: 1\n\n", end_of_stream=True))  # a session ends: room again
+    again = StreamProcessor(store, max_frame_bytes=1 << 20, max_sessions_per_identity=2)
+    reply = on_wire(again.handle(request_headers({"x-relay-identity": "key:alice"})))
+    assert reply.WhichOneof("response") == "request_headers"
