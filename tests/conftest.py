@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from extproc.envoy_security import EnvoySecurity
 from extproc.supervisor import Stack, StackOptions, start_stack
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -17,14 +18,23 @@ TEST_DEMO_RATE = 400.0  # events/s: fast enough for a quick suite, slow enough t
 
 
 def make_stack(
-    tmp_path: Path, *, write_path: str = "detached", relay_args: tuple[str, ...] = ()
+    tmp_path: Path,
+    *,
+    write_path: str = "detached",
+    relay_args: tuple[str, ...] = (),
+    upstream: str | None = None,
+    security: EnvoySecurity | None = None,
+    upstream_key_file: Path | None = None,
 ) -> Stack:
     options = StackOptions(
         port=0,
         admin_port=0,
+        upstream=upstream,
         demo_rate=TEST_DEMO_RATE,
         write_path=write_path,
         relay_args=relay_args,
+        security=security,
+        upstream_key_file=upstream_key_file,
     )
     return start_stack(options, workdir=tmp_path)
 

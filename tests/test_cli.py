@@ -92,6 +92,7 @@ def test_up_demo_serves_tagged_streams_and_stops_every_child(stop_signal: int) -
             re.findall(r"^\s+(base URL|Envoy admin|relay metrics|logs)\s+(\S+)", text, re.M)
         )
         assert set(urls) == {"base URL", "Envoy admin", "relay metrics", "logs"}, text
+        assert "authentication OFF: anyone who can reach the port can read any session" in text
         response = httpx.post(
             f"{urls['base URL']}/v1/chat/completions",
             json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True},
