@@ -24,6 +24,9 @@ DEFAULT_MAX_CONNECTIONS = 10_000
 DEFAULT_MAX_REQUEST_HEADERS_KB = 60  # Envoy's own default, made explicit
 MAX_REQUEST_HEADERS_KB_LIMIT = 8192  # the largest value Envoy accepts
 DEFAULT_REQUEST_HEADERS_TIMEOUT_S = 10.0
+# The generation routes' paths, as in envoy.yaml's `generations` route (a test keeps them equal).
+GENERATION_PATHS = "/v1/(chat/completions|completions|responses|messages)|/api/(chat|generate)"
+_DISABLED = f'{{ "@type": {T}config.route.v3.FilterConfig, disabled: true }}'
 _CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")
 _KEY = re.compile(r"[\x21-\x7e]{8,512}")  # printable ASCII, no spaces: survives any header
 
@@ -138,7 +141,7 @@ class EnvoySecurity:
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     max_request_headers_kb: int = DEFAULT_MAX_REQUEST_HEADERS_KB
     request_headers_timeout_s: float = DEFAULT_REQUEST_HEADERS_TIMEOUT_S
-    max_request_bytes: int | None = None  # generation request bodies at Envoy (413); None: off
+    max_request_bytes: int | None = None  # declared generation bodies at Envoy (413); None: off
 
     def __post_init__(self) -> None:
         if self.max_connections < 1:
@@ -169,8 +172,7 @@ class EnvoySecurity:
             "INTERNAL_ONLY_EXTRA": f", {IDENTITY_HEADER}, {JWT_SUB_HEADER}",
             "AUTH_FILTERS": self._auth_filters(),
             "AUTH_OPEN_ROUTES": self._open_routes(),
-            "BUFFER_FILTER": self._buffer_filter(),
-            "GENERATION_ROUTE_FILTERS": self._generation_route_filters(),
+            "LIMIT_ROUTES": self._limit_routes(),
             "PUBLIC_TLS": self._public_tls(),
             "LLM_UPSTREAM_FILTERS": self._llm_upstream_filters(),
         }
@@ -293,7 +295,6 @@ overload_manager:
         """The demo page's static files stay reachable without credentials."""
         if not self.authenticated:
             return ""
-        disabled = f'{{ "@type": {T}config.route.v3.FilterConfig, disabled: true }}'
         names = [
             name
             for name, on in (
@@ -303,32 +304,40 @@ overload_manager:
             )
             if on
         ]
-        per_filter = "".join(f"\n                  {n}: {disabled}" for n in names)
+        per_filter = "".join(f"\n                  {n}: {_DISABLED}" for n in names)
         return f"""
               - name: relay_demo_page  # static files only; their API calls need credentials
                 match: {{ prefix: /relay/v1/demo/ }}
                 route: {{ cluster: relay_http, timeout: 0s, idle_timeout: 600s }}
                 typed_per_filter_config:{per_filter}"""
 
-    def _buffer_filter(self) -> str:
+    def _limit_routes(self) -> str:
+        """First in the route table: a generation body declared (content-length) larger than
+        the limit is refused before any of it is read. Chunked bodies are bounded by the relay
+        (--max-request-bytes, 429) on the detached path; Envoy's buffer filter is not used: it
+        deadlocks with ext_proc on bodies above a few times its limit (SECURITY.md)."""
         if self.max_request_bytes is None:
             return ""
+        error = {
+            "message": f"request body larger than {self.max_request_bytes} bytes",
+            "type": "relay_error",
+            "code": "request_too_large",
+        }
         return f"""
-          # Generation request bodies only (enabled per route): Envoy buffers them up to this
-          # many bytes and answers 413 beyond. Other routes keep streaming uploads.
-          - name: envoy.filters.http.buffer
-            disabled: true
-            typed_config:
-              "@type": {T}extensions.filters.http.buffer.v3.Buffer
-              max_request_bytes: {self.max_request_bytes}"""
-
-    def _generation_route_filters(self) -> str:
-        if self.max_request_bytes is None:
-            return ""
-        return f"""
-                  envoy.filters.http.buffer:
-                    "@type": {T}extensions.filters.http.buffer.v3.BufferPerRoute
-                    buffer: {{ max_request_bytes: {self.max_request_bytes} }}"""
+              - name: request_too_large
+                match:
+                  safe_regex: {{ regex: {_q(GENERATION_PATHS)} }}
+                  headers:
+                  - name: content-length
+                    range_match: {{ start: {self.max_request_bytes + 1}, end: {2**63 - 1} }}
+                direct_response:
+                  status: 413
+                  body: {{ inline_string: {_q(json.dumps({"error": error}))} }}
+                response_headers_to_add:
+                - header: {{ key: content-type, value: application/json }}
+                  append_action: OVERWRITE_IF_EXISTS_OR_ADD
+                typed_per_filter_config:
+                  envoy.filters.http.ext_proc: {_DISABLED}"""
 
     def _public_tls(self) -> str:
         if self.tls is None:

@@ -169,6 +169,21 @@ def test_auth_runs_before_ext_proc_on_every_route_but_the_demo_page(creds: Creds
     assert {"x-relay-target", IDENTITY_HEADER, "x-relay-jwt-sub"} <= set(internal)
 
 
+def test_the_body_limit_route_covers_exactly_the_generation_paths() -> None:
+    hcm = _public_hcm(
+        render(
+            _ports(),
+            Upstream.from_url("http://127.0.0.1:8000"),
+            security=EnvoySecurity(max_request_bytes=1000),
+        )
+    )
+    routes = {r["name"]: r for r in hcm["route_config"]["virtual_hosts"][0]["routes"]}
+    assert next(iter(routes)) == "request_too_large"  # before any re-route can apply
+    limit = routes["request_too_large"]["match"]
+    assert limit["safe_regex"] == routes["generations"]["match"]["safe_regex"]
+    assert limit["headers"][0]["range_match"]["start"] == 1001
+
+
 def test_without_security_the_template_renders_no_security_blocks() -> None:
     config = render(_ports(), Upstream.from_url("http://127.0.0.1:8000"))
     for absent in (IDENTITY_HEADER, "overload_manager", "api_key_auth", "transport_socket"):
