@@ -368,6 +368,11 @@ overload_manager:
                 "@type": {T}extensions.http.injected_credentials.generic.v3.Generic
                 credential: {{ name: llm_credential }}
                 header: Authorization"""
+        removed = ", ".join(
+            f"{{ remove: {name} }}"
+            for name in (IDENTITY_HEADER, API_KEY_HEADER if self.api_keys else "")
+            if name
+        )
         return f"""
     typed_extension_protocol_options:
       envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
@@ -378,8 +383,9 @@ overload_manager:
           typed_config:
             "@type": {T}extensions.filters.http.header_mutation.v3.HeaderMutation
             mutations:
-              # The caller's identity is for the relay; the LLM gets none.
-              request_mutations: [{{ remove: {IDENTITY_HEADER} }}]{inject}
+              # The caller's identity (and, with --api-keys, a leftover x-api-key) is for the
+              # relay; the LLM gets neither.
+              request_mutations: [{removed}]{inject}
         - name: envoy.filters.http.upstream_codec
           typed_config:
             "@type": {T}extensions.filters.http.upstream_codec.v3.UpstreamCodec"""

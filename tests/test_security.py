@@ -333,7 +333,7 @@ def test_llm_gets_the_injected_key_and_never_the_callers_credentials(
     for headers in (
         bearer(ALICE_KEY) | spoof,
         {"x-api-key": BOB_KEY} | spoof,
-        bearer(creds.jwt()) | spoof,
+        bearer(creds.jwt()) | spoof | {"x-api-key": "sk-not-checked-1234"},  # JWT wins
     ):
         response = httpx.get(f"{secured.base_url}/demo/echo-headers", headers=headers, timeout=30)
         assert response.status_code == 200, response.text
@@ -466,7 +466,13 @@ async def test_identity_reaches_the_relay_front_as_envoy_set_it(
     recorded: tuple[Stack, Recorder], creds: Creds
 ) -> None:
     stack, recorder = recorded
-    spoof = {IDENTITY_HEADER: "key:admin", "x-relay-jwt-sub": "admin"}
+    # Claiming to be an internal request does not keep a client's copy either.
+    spoof = {
+        IDENTITY_HEADER: "key:admin",
+        "x-relay-jwt-sub": "admin",
+        "x-forwarded-for": "127.0.0.1",
+        "x-envoy-internal": "true",
+    }
     cases = [
         # (request, what the relay front must receive)
         (("GET", "/relay/v1/sessions/s/events", bearer(ALICE_KEY)), "key:alice"),
