@@ -271,6 +271,8 @@ def test_generation_needs_an_api_key_or_a_jwt(secured: Stack, creds: Creds) -> N
         "other audience": bearer(creds.sign({"sub": "x", "iss": ISSUER, "aud": "other"})),
         "no subject": bearer(creds.sign({"iss": ISSUER, "aud": AUDIENCE})),
         "spoofed identity only": {IDENTITY_HEADER: "key:alice", "x-relay-jwt-sub": "alice"},
+        # api_key_auth reads Authorization first: a failed JWT there shadows x-api-key.
+        "failed jwt with a key": bearer(creds.jwt(exp=1_000_000)) | {"x-api-key": BOB_KEY},
     }
     for name, headers in refused.items():
         response = httpx.post(url, json=CHAT, headers=headers, timeout=30)
