@@ -151,8 +151,8 @@ class EnvoySecurity:
                 f"max request headers must be 1..{MAX_REQUEST_HEADERS_KB_LIMIT} KiB, "
                 f"got {self.max_request_headers_kb}"
             )
-        if self.request_headers_timeout_s <= 0:
-            raise ConfigError("request headers timeout must be positive")
+        if self.request_headers_timeout_s < 0.001:  # Envoy reads 0 as "no timeout"
+            raise ConfigError("request headers timeout must be at least 0.001 s")
 
     @property
     def authenticated(self) -> bool:
@@ -167,7 +167,7 @@ class EnvoySecurity:
             "EGRESS_EXTRA": "\n    ignore_global_conn_limit: true  # the relay's own calls",
             "PUBLIC_HCM_LIMITS": (
                 f"\n          max_request_headers_kb: {self.max_request_headers_kb}"
-                f"\n          request_headers_timeout: {self.request_headers_timeout_s:g}s"
+                f"\n          request_headers_timeout: {self.request_headers_timeout_s:.3f}s"
             ),
             "INTERNAL_ONLY_EXTRA": f", {IDENTITY_HEADER}, {JWT_SUB_HEADER}",
             "AUTH_FILTERS": self._auth_filters(),

@@ -571,3 +571,43 @@ def start_stack_with_key(tmp_path: Path, key: Path) -> None:
 def test_api_keys_file_accepts_comments_and_blank_lines(creds: Creds) -> None:
     keys = parse_api_keys(creds.keys)
     assert [(k.client, k.key) for k in keys] == [("alice", ALICE_KEY), ("bob", BOB_KEY)]
+
+
+def test_up_wires_every_security_flag(creds: Creds, tmp_path: Path) -> None:
+    cert, key, context = self_signed_cert(tmp_path)
+    process = subprocess.Popen(
+        [
+            *CLI,
+            *("up", "--demo", "--port", "0", "--admin-port", "0"),
+            *("--api-keys", str(creds.keys), "--jwks", str(creds.jwks)),
+            *("--jwt-issuer", ISSUER, "--jwt-audience", AUDIENCE),
+            *("--upstream-key-file", str(creds.llm_key), "--tls", str(cert), str(key)),
+            *("--max-request-bytes", "4096"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        banner = []
+        for line in process.stdout:
+            banner.append(line)
+            if "Ctrl-C stops everything" in line:
+                break
+        text = "".join(banner)
+        assert "authentication API keys or JWT; identity in x-relay-identity" in text, text
+        base = next(line.split()[2] for line in banner if "base URL" in line)
+        assert base.startswith("https://")
+        with httpx.Client(base_url=base, verify=context, timeout=30) as client:
+            assert client.post("/v1/chat/completions", json=CHAT).status_code == 401
+            for headers in (bearer(ALICE_KEY), bearer(creds.jwt())):
+                response = client.post("/v1/chat/completions", json=CHAT, headers=headers)
+                assert response.status_code == 200, response.text  # the LLM key was injected
+                assert response.content.startswith(b"id: ")
+            padded = CHAT | {"padding": "p" * 4096}
+            response = client.post("/v1/chat/completions", json=padded, headers=bearer(BOB_KEY))
+            assert response.status_code == 413
+    finally:
+        process.terminate()
+        assert process.wait(timeout=30) == 0
