@@ -28,6 +28,16 @@ from extproc.detached import (
     DetachSettings,
 )
 from extproc.envoy_config import WRITE_PATHS, EnvoyPorts, Upstream, render
+from extproc.envoy_security import (
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_REQUEST_HEADERS_KB,
+    DEFAULT_REQUEST_HEADERS_TIMEOUT_S,
+    EnvoySecurity,
+    JwtSettings,
+    TlsFiles,
+    parse_api_keys,
+    read_upstream_key,
+)
 from extproc.errors import ConfigError
 from extproc.framing import DEFAULT_MAX_FRAME_BYTES
 from extproc.status import DEFAULT_INTERVAL_S, DEFAULT_METRICS_URL
@@ -199,6 +209,76 @@ def _node_settings(args: argparse.Namespace) -> NodeSettings:
     )
 
 
+def _add_security_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("authentication, TLS and Envoy limits (SECURITY.md)")
+    group.add_argument(
+        "--api-keys",
+        type=Path,
+        metavar="FILE",
+        help="require an API key: one 'client-name key' per line "
+        "(Authorization: Bearer <key> or x-api-key)",
+    )
+    group.add_argument(
+        "--jwks", type=Path, metavar="FILE", help="accept JWTs signed by a key in this JWKS file"
+    )
+    group.add_argument("--jwt-issuer", default="", help="required JWT iss (with --jwks)")
+    group.add_argument("--jwt-audience", default="", help="required JWT aud (with --jwks)")
+    group.add_argument(
+        "--upstream-key-file",
+        type=Path,
+        metavar="FILE",
+        help="the LLM API key; Envoy sends it upstream as Authorization: Bearer <key>",
+    )
+    group.add_argument(
+        "--tls",
+        nargs=2,
+        type=Path,
+        metavar=("CERT", "KEY"),
+        help="serve the public listener over TLS (PEM files; ALPN h2, http/1.1)",
+    )
+    group.add_argument(
+        "--max-connections",
+        type=_positive(int),
+        default=DEFAULT_MAX_CONNECTIONS,
+        help=f"downstream connections Envoy accepts at once (default {DEFAULT_MAX_CONNECTIONS})",
+    )
+    group.add_argument(
+        "--max-request-headers-kb",
+        type=_positive(int),
+        default=DEFAULT_MAX_REQUEST_HEADERS_KB,
+        help=f"request headers larger than this get 431 "
+        f"(default {DEFAULT_MAX_REQUEST_HEADERS_KB} KiB)",
+    )
+    group.add_argument(
+        "--request-headers-timeout",
+        type=_positive(float),
+        default=DEFAULT_REQUEST_HEADERS_TIMEOUT_S,
+        help=f"seconds a client has to send its request headers "
+        f"(default {DEFAULT_REQUEST_HEADERS_TIMEOUT_S:g})",
+    )
+
+
+def _security(args: argparse.Namespace) -> EnvoySecurity:
+    """The `up` flags for Envoy's side of security, with every file read and checked now."""
+    if (args.jwt_issuer or args.jwt_audience) and args.jwks is None:
+        raise ConfigError("--jwt-issuer and --jwt-audience need --jwks")
+    if args.upstream_key_file is not None:
+        read_upstream_key(args.upstream_key_file)  # the supervisor reads it again; fail fast
+    return EnvoySecurity(
+        api_keys=parse_api_keys(args.api_keys) if args.api_keys is not None else (),
+        jwt=(
+            JwtSettings.load(args.jwks, args.jwt_issuer, args.jwt_audience)
+            if args.jwks is not None
+            else None
+        ),
+        tls=TlsFiles.load(*args.tls) if args.tls is not None else None,
+        max_connections=args.max_connections,
+        max_request_headers_kb=args.max_request_headers_kb,
+        request_headers_timeout_s=args.request_headers_timeout,
+        max_request_bytes=args.max_request_bytes,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="stream-relay", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -238,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_store_flags(up)
     _add_detach_flags(up)
+    _add_security_flags(up)
 
     serve = commands.add_parser("serve", help="run only the relay node (bring your own Envoy)")
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
@@ -309,6 +390,7 @@ def _up(args: argparse.Namespace) -> int:
         RedisSettings(url=args.store, lease_s=args.node_lease)
     elif args.nodes > 1:
         raise ConfigError("--nodes above 1 needs a shared store: --store redis://host:port/db")
+    security = _security(args)
     options = StackOptions(
         port=args.port,
         admin_port=args.admin_port,
@@ -318,6 +400,8 @@ def _up(args: argparse.Namespace) -> int:
         write_path=args.write_path,
         relay_args=_relay_argv(args),
         nodes=args.nodes,
+        security=security,
+        upstream_key_file=args.upstream_key_file,
     )
     try:
         stack = start_stack(options)
@@ -333,10 +417,21 @@ def _up(args: argparse.Namespace) -> int:
         f"  demo page      {stack.base_url}/relay/v1/demo/\n"
         f"  upstream       {stack.upstream_url}{'  (demo)' if args.demo else ''}\n"
         f"  logs           {stack.workdir}\n"
+        f"{_auth_line(security)}\n"
         f"Ctrl-C stops everything.",
         flush=True,
     )
     return run_until_signalled(stack, print_fn=lambda line: print(line, flush=True))
+
+
+def _auth_line(security: EnvoySecurity) -> str:
+    if not security.authenticated:
+        return (
+            "  authentication OFF: anyone who can reach the port can read any session "
+            "(see --api-keys, --jwks)"
+        )
+    kinds = [k for k, on in (("API keys", security.api_keys), ("JWT", security.jwt)) if on]
+    return f"  authentication {' or '.join(kinds)}; identity in x-relay-identity"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -374,7 +469,9 @@ def main(argv: list[str] | None = None) -> int:
             egress_port=args.egress_port,
         )
         upstream = Upstream.from_url(args.upstream)
-        sys.stdout.write(render(ports, upstream, write_path=args.write_path))
+        # Envoy's limits and identity-header stripping at their defaults; no authentication.
+        security = EnvoySecurity()
+        sys.stdout.write(render(ports, upstream, write_path=args.write_path, security=security))
         return 0
     except ConfigError as exc:
         print(f"stream-relay: error: {exc}", file=sys.stderr)

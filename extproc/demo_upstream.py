@@ -5,7 +5,12 @@
 
 Endpoints: ``POST /v1/chat/completions``, ``GET /v1/models``, ``POST /api/chat`` (Ollama
 NDJSON; ``options.num_predict`` or ``max_tokens`` sets the length), ``GET /healthz`` and
-``GET /demo/stats`` (request counters and ``active_streams``).
+``GET /demo/stats`` (request counters and ``active_streams``), ``GET|POST /demo/echo-headers``
+(the request headers it received, as JSON, with ``Authorization`` redacted).
+
+With ``--require-key FILE`` every endpoint but ``/healthz`` answers 401 unless the request has
+``Authorization: Bearer <the key in FILE>``, as a hosted LLM API would: it stands in for one in
+the tests of Envoy's credential injection.
 
 The text is exactly ``max_tokens`` words drawn from a fixed vocabulary with a seed taken from
 a SHA-256 of model + messages + max_tokens, so identical requests give byte-identical bodies
@@ -30,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import hmac
 import json
 import logging
 import math
@@ -40,9 +46,10 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from itertools import chain
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -74,6 +81,8 @@ class DemoConfig:
     ttft_ms: float = 0.0  # delay before the first event of a stream
     timestamps: bool = False  # add "x_demo_ts": time.time() to every streamed chunk
     max_streams: int = MAX_CONCURRENT_STREAMS  # concurrent streams beyond this get 503
+    # Answer 401 unless Authorization is "Bearer <key>"; kept out of repr, so out of logs.
+    required_key: str | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -117,6 +126,18 @@ def _dumps(obj: object) -> bytes:
 
 def _json(obj: object, status: int = 200) -> web.Response:
     return web.Response(body=_dumps(obj), status=status, content_type="application/json")
+
+
+@web.middleware
+async def _require_key(request: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
+    required = request.app[CONFIG_KEY].required_key
+    if required is not None and request.path != "/healthz":
+        sent = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(sent.encode(), f"Bearer {required}".encode()):
+            error = {"message": "missing or wrong API key", "type": "invalid_request_error"}
+            return _json({"error": {**error, "param": None, "code": "invalid_api_key"}}, 401)
+    resp: web.StreamResponse = await handler(request)
+    return resp
 
 
 @web.middleware
@@ -335,14 +356,27 @@ async def _stats(request: web.Request) -> web.Response:
     return _json(asdict(request.app[STATS_KEY]))
 
 
+async def _echo_headers(request: web.Request) -> web.Response:
+    """What reached the LLM: lets tests check the headers Envoy adds, strips or replaces."""
+    required = request.app[CONFIG_KEY].required_key
+    headers: dict[str, list[str]] = {}
+    for name, value in request.headers.items():
+        if name.lower() == "authorization":  # never echo a credential back to a client
+            matches = required is not None and value == f"Bearer {required}"
+            value = "<redacted: the required key>" if matches else "<redacted>"
+        headers.setdefault(name.lower(), []).append(value)
+    return _json({"headers": headers})
+
+
 def make_app(config: DemoConfig) -> web.Application:
-    app = web.Application(middlewares=[_errors])
+    app = web.Application(middlewares=[_require_key, _errors])
     app[CONFIG_KEY], app[STATS_KEY] = config, DemoStats()
     app.router.add_post("/v1/chat/completions", _chat_completions)
     app.router.add_get("/v1/models", _models)
     app.router.add_post("/api/chat", _ollama_chat)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/demo/stats", _stats)
+    app.router.add_route("*", "/demo/echo-headers", _echo_headers)
     return app
 
 
@@ -368,7 +402,12 @@ def _write_ports_file(path: str, port: int) -> None:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    config = DemoConfig(rate=args.rate, ttft_ms=args.ttft_ms, timestamps=args.timestamps)
+    config = DemoConfig(
+        rate=args.rate,
+        ttft_ms=args.ttft_ms,
+        timestamps=args.timestamps,
+        required_key=args.required_key,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -407,7 +446,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ttft-ms", type=_arg(float, 0, MAX_TTFT_MS), default=0.0)
     parser.add_argument("--timestamps", action="store_true", help="add x_demo_ts to chunks")
     parser.add_argument("--ports-file", help='write {"http_port": N} here once listening')
+    parser.add_argument(
+        "--require-key", metavar="FILE", help="answer 401 unless Authorization: Bearer <key>"
+    )
     args = parser.parse_args(argv)
+    args.required_key = None
+    if args.require_key:
+        try:
+            args.required_key = Path(args.require_key).read_text().strip()
+        except OSError as exc:
+            print(f"demo upstream: cannot read --require-key: {exc}", file=sys.stderr)
+            return 2
     try:
         return asyncio.run(_run(args))
     except KeyboardInterrupt:  # only before the signal handlers are installed

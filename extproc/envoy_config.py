@@ -13,6 +13,7 @@ from pathlib import Path
 from string import Template
 from urllib.parse import urlsplit
 
+from extproc.envoy_security import NO_SECURITY, EnvoySecurity
 from extproc.errors import ConfigError
 
 TEMPLATE_NAME = "envoy.yaml"
@@ -95,7 +96,15 @@ def template_text() -> str:
     return (Path(__file__).resolve().parent.parent / "envoy" / TEMPLATE_NAME).read_text()
 
 
-def render(ports: EnvoyPorts, upstream: Upstream, *, write_path: str = "detached") -> str:
+def render(
+    ports: EnvoyPorts,
+    upstream: Upstream,
+    *,
+    write_path: str = "detached",
+    security: EnvoySecurity | None = None,
+) -> str:
+    """The config for one stack; `security` adds authentication, TLS, the LLM credential and
+    Envoy's limits (extproc/envoy_security.py). Without it the template renders as before."""
     if write_path not in WRITE_PATHS:
         raise ConfigError(f"write path must be one of {', '.join(WRITE_PATHS)}, got {write_path!r}")
     return Template(template_text()).substitute(
@@ -112,4 +121,5 @@ def render(ports: EnvoyPorts, upstream: Upstream, *, write_path: str = "detached
         LLM_TLS=_TLS_BLOCK.format(host=upstream.host) if upstream.tls else "",
         # A hosted API routes on its own Host name; a local one does not care.
         LLM_HOST_REWRITE="" if upstream.is_ip else ", auto_host_rewrite: true",
+        **(NO_SECURITY if security is None else security.placeholders()),
     )

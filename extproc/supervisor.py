@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import importlib.util
 import json
+import os
 import shutil
 import signal
 import socket
@@ -25,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from extproc.envoy_config import EnvoyPorts, Upstream, render
+from extproc.envoy_security import EnvoySecurity, read_upstream_key
 
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
@@ -81,6 +84,10 @@ class StackOptions:
     relay_args: Sequence[str] = ()  # `serve` flags for every node, e.g. --store redis://...
     nodes: int = 1  # relay processes behind Envoy; more than one needs a shared store
     envoy_log_level: str = "warning"
+    # Authentication, TLS and Envoy's limits; None renders the template without them.
+    security: EnvoySecurity | None = None
+    # The LLM API key (one line). Envoy injects it upstream; the demo upstream then requires it.
+    upstream_key_file: Path | None = None
 
 
 @dataclass
@@ -193,8 +200,26 @@ def start_stack(options: StackOptions, workdir: Path | None = None) -> Stack:
     return stack
 
 
+def _write_private(path: Path, text: str) -> Path:
+    """A file only this user can read (created so, never widened), for secrets Envoy reads."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return path
+
+
 def _start(stack: Stack, options: StackOptions) -> None:
     host = "127.0.0.1"
+    security = options.security
+    require_key: list[str] = []
+    if options.upstream_key_file is not None:
+        key = read_upstream_key(options.upstream_key_file)
+        # Envoy's generic injector sends the secret as the whole header value.
+        credential = _write_private(stack.workdir / "llm-credential", f"Bearer {key}")
+        security = dataclasses.replace(
+            security or EnvoySecurity(), upstream_credential_file=credential
+        )
+        require_key = ["--require-key", str(options.upstream_key_file)]
     if options.upstream is None:
         ports_file = stack.workdir / "upstream.ports"
         child = stack.spawn(
@@ -207,6 +232,7 @@ def _start(stack: Stack, options: StackOptions) -> None:
                 str(options.demo_rate),
                 "--ports-file",
                 str(ports_file),
+                *require_key,
             ),
         )
         _wait_until("its ports file", child, lambda: _read_ports(ports_file) is not None)
@@ -223,7 +249,8 @@ def _start(stack: Stack, options: StackOptions) -> None:
     stack.metrics_url = f"{stack.relay_http_url}/metrics"
 
     config_path = stack.workdir / "envoy.yaml"
-    config_path.write_text(
+    _write_private(  # it holds the API keys when --api-keys is on
+        config_path,
         render(
             EnvoyPorts(
                 listen_address=options.listen_address,
@@ -236,7 +263,8 @@ def _start(stack: Stack, options: StackOptions) -> None:
             ),
             upstream,
             write_path=options.write_path,
-        )
+            security=security,
+        ),
     )
     admin_path = stack.workdir / "envoy.admin"
     envoy = stack.spawn(
@@ -263,7 +291,8 @@ def _start(stack: Stack, options: StackOptions) -> None:
     if port is None:
         raise StartupError("envoy is ready but reports no 'public' listener")
     public_host = "127.0.0.1" if options.listen_address in ("0.0.0.0", "::") else host
-    stack.base_url = f"http://{public_host}:{port}"
+    scheme = "https" if security is not None and security.tls is not None else "http"
+    stack.base_url = f"{scheme}://{public_host}:{port}"
 
 
 def _start_relay(stack: Stack, options: StackOptions, index: int) -> tuple[int, int]:

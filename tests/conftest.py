@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from redis_server import RedisServer
 
+from extproc.envoy_security import EnvoySecurity
 from extproc.supervisor import Stack, StackOptions, start_stack
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -23,14 +24,20 @@ def make_stack(
     write_path: str = "detached",
     relay_args: tuple[str, ...] = (),
     nodes: int = 1,
+    upstream: str | None = None,
+    security: EnvoySecurity | None = None,
+    upstream_key_file: Path | None = None,
 ) -> Stack:
     options = StackOptions(
         port=0,
         admin_port=0,
+        upstream=upstream,
         demo_rate=TEST_DEMO_RATE,
         write_path=write_path,
         relay_args=relay_args,
         nodes=nodes,
+        security=security,
+        upstream_key_file=upstream_key_file,
     )
     return start_stack(options, workdir=tmp_path)
 

@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from extproc.envoy_config import EnvoyPorts, Upstream, render
+from extproc.envoy_security import EnvoySecurity
 from extproc.supervisor import envoy_binary
 
 CLI = [sys.executable, "-m", "extproc.cli"]
@@ -96,6 +97,7 @@ def test_up_demo_serves_tagged_streams_and_stops_every_child(stop_signal: int) -
             re.findall(r"^\s+(base URL|Envoy admin|relay metrics|logs)\s+(\S+)", text, re.M)
         )
         assert set(urls) == {"base URL", "Envoy admin", "relay metrics", "logs"}, text
+        assert "authentication OFF: anyone who can reach the port can read any session" in text
         response = httpx.post(
             f"{urls['base URL']}/v1/chat/completions",
             json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True},
@@ -168,5 +170,6 @@ def test_envoy_config_command_prints_the_same_config() -> None:
     ports = EnvoyPorts(
         listen_port=8080, admin_port=9901, relay_grpc_port=50051, relay_http_port=8081
     )
-    assert result.stdout == render(ports, Upstream.from_url("http://127.0.0.1:8000"))
+    upstream = Upstream.from_url("http://127.0.0.1:8000")
+    assert result.stdout == render(ports, upstream, security=EnvoySecurity())
     assert os.linesep in result.stdout
