@@ -1,0 +1,189 @@
+"""Session ownership end to end: Envoy authenticates (API keys, JWT), the relay lets only the
+owner, or a holder of the owner's share token, read a session, over every protocol, on both
+write paths and on two nodes sharing Redis. Strangers get the 404 of an unknown id."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+from conftest import make_stack
+from test_e2e import events_of
+from test_security import ALICE_KEY, BOB_KEY, CHAT, Creds, bearer
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import InvalidStatus
+
+from extproc.proto.relay.v1 import relay_pb2_grpc
+from extproc.proto.relay.v1.relay_pb2 import SubscribeRequest
+from extproc.supervisor import Stack
+
+SLOW = {"x-demo-rate": "20"}
+
+
+@pytest.fixture(scope="module")
+def creds(tmp_path_factory: pytest.TempPathFactory) -> Creds:
+    return Creds(tmp_path_factory.mktemp("creds"))
+
+
+@pytest.fixture(scope="module", params=["detached", "inline", "redis-2-nodes"])
+def owned(
+    request: pytest.FixtureRequest, creds: Creds, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    workdir = tmp_path_factory.mktemp(f"owned-{request.param}")
+    if request.param == "redis-2-nodes":
+        redis = request.getfixturevalue("shared_redis")
+        stack = make_stack(
+            workdir, security=creds.security(), relay_args=("--store", redis.url), nodes=2
+        )
+    else:
+        stack = make_stack(workdir, security=creds.security(), write_path=request.param)
+    yield stack
+    stack.stop()
+
+
+def generate(stack: Stack, headers: dict[str, str]) -> tuple[str, bytes]:
+    response = httpx.post(
+        f"{stack.base_url}/v1/chat/completions", json=CHAT, headers=headers, timeout=30
+    )
+    assert response.status_code == 200, response.text
+    return response.headers["x-relay-session"], response.content
+
+
+def resume(stack: Stack, session: str, headers: dict[str, str]) -> httpx.Response:
+    return httpx.post(
+        f"{stack.base_url}/v1/chat/completions",
+        json=CHAT,
+        headers={"last-event-id": f"{session}:1", **headers},
+        timeout=30,
+    )
+
+
+def reads(stack: Stack, session: str, headers: dict[str, str], query: str = "") -> httpx.Response:
+    url = f"{stack.base_url}/relay/v1/sessions/{session}/events{query}"
+    return httpx.get(url, headers=headers, timeout=30)
+
+
+def as_unknown(response: httpx.Response, session: str) -> bytes:
+    """The body with the session id blanked: what must equal an unknown id's answer."""
+    assert response.status_code == 404, response.text
+    return response.content.replace(session.encode(), b"<id>")
+
+
+async def grpc_read(stack: Stack, session: str, metadata: tuple[tuple[str, str], ...]) -> int:
+    """Events a gRPC subscriber gets, or raises the call's error."""
+    target = httpx.URL(stack.base_url).netloc.decode()
+    async with grpc.aio.insecure_channel(target) as channel:
+        call = relay_pb2_grpc.RelayStub(channel).Subscribe(
+            SubscribeRequest(session=session), metadata=metadata
+        )
+        return len([r async for r in call])
+
+
+def test_strangers_get_the_404_of_an_unknown_id_everywhere(owned: Stack, creds: Creds) -> None:
+    session, body = generate(owned, bearer(ALICE_KEY))
+    unknown = "Q" * 22
+    reference = as_unknown(resume(owned, unknown, bearer(BOB_KEY)), unknown)
+
+    mine = resume(owned, session, bearer(ALICE_KEY))
+    assert mine.status_code == 200 and mine.content == b"".join(events_of(body)[1:])
+    for stranger in (bearer(BOB_KEY), bearer(creds.jwt("mallory"))):
+        assert as_unknown(resume(owned, session, stranger), session) == reference
+        assert as_unknown(reads(owned, session, stranger), session) == as_unknown(
+            reads(owned, unknown, stranger), unknown
+        )
+        for method in ("GET", "DELETE"):
+            answer = httpx.request(
+                method, f"{owned.base_url}/relay/v1/sessions/{session}", headers=stranger
+            )
+            assert answer.status_code == 404, (method, answer.text)
+        share = httpx.post(
+            f"{owned.base_url}/relay/v1/sessions/{session}/share", headers=stranger, timeout=30
+        )
+        assert share.status_code == 404
+
+
+async def test_strangers_cannot_subscribe_over_grpc_or_websocket(owned: Stack) -> None:
+    session, body = await asyncio.to_thread(generate, owned, bearer(ALICE_KEY))
+    alice = (("authorization", f"Bearer {ALICE_KEY}"),)
+    bob = (("authorization", f"Bearer {BOB_KEY}"),)
+    assert await grpc_read(owned, session, alice) == len(events_of(body)) + 1  # + the end
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await grpc_read(owned, session, bob)
+    assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+
+    ws_url = owned.base_url.replace("http", "ws", 1) + f"/relay/v1/sessions/{session}/ws"
+    with pytest.raises(InvalidStatus) as rejected:
+        async with ws_connect(ws_url, additional_headers=dict(bob)):
+            pass
+    assert rejected.value.response.status_code == 404
+    async with ws_connect(ws_url, additional_headers=dict(alice)) as ws:
+        messages = [message async for message in ws]
+    assert len(messages) == len(events_of(body)) + 1
+
+
+def test_a_share_token_lets_one_reader_in_read_only_until_revoked(owned: Stack) -> None:
+    session, body = generate(owned, bearer(ALICE_KEY))
+    minted = httpx.post(
+        f"{owned.base_url}/relay/v1/sessions/{session}/share?ttl=600",
+        headers=bearer(ALICE_KEY),
+        timeout=30,
+    )
+    assert minted.status_code == 201, minted.text
+    token = minted.json()["token"]
+    assert minted.json()["events_url"].endswith(f"?share={token}")
+
+    viewer = reads(owned, session, bearer(BOB_KEY), f"?share={token}")  # an EventSource
+    assert viewer.status_code == 200
+    assert events_of(viewer.content)[:-1] == events_of(body)
+    again = resume(owned, session, bearer(BOB_KEY) | {"x-relay-share": token})
+    assert again.status_code == 200 and again.content == b"".join(events_of(body)[1:])
+
+    with_token = bearer(BOB_KEY) | {"x-relay-share": token}
+    cancel = httpx.delete(f"{owned.base_url}/relay/v1/sessions/{session}", headers=with_token)
+    assert cancel.status_code == 404  # read-only: the owner's rights stay the owner's
+    other, _ = generate(owned, bearer(ALICE_KEY))
+    assert reads(owned, other, with_token).status_code == 404  # one session per token
+
+    revoked = httpx.delete(
+        f"{owned.base_url}/relay/v1/sessions/{session}/share/{minted.json()['token_id']}",
+        headers=bearer(ALICE_KEY),
+    )
+    assert revoked.status_code == 204
+    assert reads(owned, session, with_token).status_code == 404
+
+
+def test_open_sessions_per_identity_are_limited(tmp_path: Path, creds: Creds) -> None:
+    for write_path in ("inline", "detached"):
+        (tmp_path / write_path).mkdir()
+        stack = make_stack(
+            tmp_path / write_path,
+            security=creds.security(),
+            write_path=write_path,
+            relay_args=("--max-sessions-per-identity", "1"),
+        )
+        try:
+            with (
+                httpx.Client(timeout=30) as client,
+                client.stream(
+                    "POST",
+                    f"{stack.base_url}/v1/chat/completions",
+                    json=CHAT | {"max_tokens": 200},
+                    headers=bearer(ALICE_KEY) | SLOW,
+                ) as first,
+            ):
+                assert first.status_code == 200
+                second = client.post(
+                    f"{stack.base_url}/v1/chat/completions", json=CHAT, headers=bearer(ALICE_KEY)
+                )
+                assert second.status_code == 429, (write_path, second.text)
+                assert second.json()["error"]["code"] == "limit_exceeded"
+                other = client.post(
+                    f"{stack.base_url}/v1/chat/completions", json=CHAT, headers=bearer(BOB_KEY)
+                )
+                assert other.status_code == 200  # a quota per identity, not for everyone
+        finally:
+            stack.stop()
