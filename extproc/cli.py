@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import logging
 import sys
+import tomllib
 from pathlib import Path
 from typing import NoReturn
 
@@ -316,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="relay node processes behind Envoy (more than 1 needs --store redis://...)",
     )
+    up.add_argument("--config", metavar="FILE", help="TOML file of these flags (flags win)")
     _add_store_flags(up)
     _add_detach_flags(up)
     _add_security_flags(up)
@@ -335,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="HTTP front: resumes, /metrics, /healthz (default 8081)",
     )
     serve.add_argument("--ports-file", type=Path, help="write the bound ports here as JSON")
+    serve.add_argument("--config", metavar="FILE", help="TOML file of these flags (flags win)")
     serve.add_argument(
         "--egress-url",
         default="",
@@ -434,12 +437,59 @@ def _auth_line(security: EnvoySecurity) -> str:
     return f"  authentication {' or '.join(kinds)}; identity in x-relay-identity"
 
 
+CONFIG_COMMANDS = ("up", "serve")
+
+
+def _config_argv(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """`up`/`serve --config FILE`: the TOML file's settings become flags placed before the
+    command line's own, so a flag given on the command line wins. Keys are the long flag names
+    (`store = "redis://..."`, `max-readers-per-session = 50`, `demo = true`, `tls = [c, k]`)."""
+    if argv[:1] not in ([c] for c in CONFIG_COMMANDS) or "--config" not in argv:
+        return argv
+    at = argv.index("--config")
+    if at + 1 >= len(argv):
+        parser.error("argument --config: expected a file")
+    path = Path(argv[at + 1])
+    try:
+        settings = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        parser.error(f"--config {path}: {exc}")
+    known = _long_flags(parser, argv[0])
+    flags: list[str] = []
+    for key, value in settings.items():
+        flag = f"--{key}"
+        if flag not in known or key == "config":
+            parser.error(f"--config {path}: unknown setting {key!r}")
+        if value is True:
+            flags.append(flag)
+        elif value is False:
+            continue
+        elif isinstance(value, list):
+            flags += [flag, *map(str, value)]
+        elif isinstance(value, str | int | float):
+            flags += [flag, str(value)]
+        else:
+            parser.error(f"--config {path}: {key} must be a string, number, boolean or list")
+    rest = argv[1:at] + argv[at + 2 :]
+    return [argv[0], *flags, *rest]
+
+
+def _long_flags(parser: argparse.ArgumentParser, command: str) -> set[str]:
+    subparsers = next(
+        a
+        for a in parser._actions
+        if isinstance(a, argparse._SubParsersAction)
+    )
+    sub = subparsers.choices[command]
+    return {s for action in sub._actions for s in action.option_strings if s.startswith("--")}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["demo-upstream"]:
         return demo_upstream.main(argv[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_config_argv(parser, argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         if args.command == "up":

@@ -173,3 +173,26 @@ def test_envoy_config_command_prints_the_same_config() -> None:
     upstream = Upstream.from_url("http://127.0.0.1:8000")
     assert result.stdout == render(ports, upstream, security=EnvoySecurity())
     assert os.linesep in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("config", "args", "names"),
+    [
+        ("bogus = 1\n", [], "unknown setting 'bogus'"),
+        ("store = [\n", [], "--config"),  # not TOML
+        ("nodes = 2\n", [], "--store redis://"),  # the file's setting is applied
+        ('nodes = 3\nstore = "redis://127.0.0.1:1/0"\n', ["--store", "memory"], "--store redis"),
+        ('node-lease = 0.1\nstore = "redis://127.0.0.1:1/0"\n', [], "node lease"),
+    ],
+)
+def test_config_files_hold_the_same_settings_as_flags(
+    tmp_path: Path, config: str, args: list[str], names: str
+) -> None:
+    """`--config FILE` (TOML, keys are the long flag names): bad files fail like bad flags,
+    and a flag on the command line wins over the file."""
+    path = tmp_path / "relay.toml"
+    path.write_text(config)
+    result = run_cli("up", "--demo", "--config", str(path), *args)
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and names in lines[0], result.stderr
