@@ -4,6 +4,7 @@ Envoy and never leaked, TLS, and the rendered configs Envoy itself validates."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -401,6 +402,8 @@ class Recorder:
 
     async def handle(self, request: web.Request) -> web.Response:
         await request.read()
+        if request.path == "/healthz":  # Envoy's active health check of relay_http
+            return web.Response(text="ok")
         self.requests.append((request.path, request.headers.getall(IDENTITY_HEADER, [])))
         return web.Response(text="recorded")
 
@@ -458,10 +461,24 @@ async def recorded(creds: Creds, tmp_path: Path) -> AsyncIterator[tuple[Stack, R
         port = _envoy_listener_port(stack.admin_url)
         assert port is not None
         stack.base_url = f"http://127.0.0.1:{port}"
+        # The sync waits above blocked this loop, so the recorder may have failed Envoy's first
+        # health checks: wait (without blocking it) until Envoy routes to it again.
+        async with httpx.AsyncClient(timeout=5) as admin, asyncio.timeout(20):
+            while not await _relay_http_healthy(admin, stack.admin_url):  # noqa: ASYNC110
+                await asyncio.sleep(0.05)  # polling another process, bounded by the timeout
         yield stack, recorder
     finally:
         stack.stop()
         await runner.cleanup()
+
+
+async def _relay_http_healthy(admin: httpx.AsyncClient, admin_url: str) -> bool:
+    clusters = (await admin.get(f"{admin_url}/clusters?format=json")).json()["cluster_statuses"]
+    relay_http = next(c for c in clusters if c["name"] == "relay_http")
+    return all(
+        not host["health_status"].get("failed_active_health_check")
+        for host in relay_http["host_statuses"]
+    )
 
 
 async def test_identity_reaches_the_relay_front_as_envoy_set_it(
