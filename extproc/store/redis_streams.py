@@ -184,7 +184,8 @@ class RedisStore:
         self._lease_key = f"{settings.prefix}:node:{self.node_id}"
         self._mirrors = LogCache(self.limits.max_bytes, lambda mirror: mirror.drop("evicted"))
         self._followers: dict[str, asyncio.Task[None]] = {}
-        self._flushed: dict[str, int] = {}  # own sessions not yet all in Redis: seqs there
+        # Own sessions whose end Redis does not have yet -> the last seq stored there.
+        self._flushed: dict[str, int] = {}
         self._dirty: dict[str, SessionLog] = {}
         self._wake = asyncio.Event()
         self._beat_now = asyncio.Event()
