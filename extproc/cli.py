@@ -475,11 +475,7 @@ def _config_argv(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
 
 
 def _long_flags(parser: argparse.ArgumentParser, command: str) -> set[str]:
-    subparsers = next(
-        a
-        for a in parser._actions
-        if isinstance(a, argparse._SubParsersAction)
-    )
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     sub = subparsers.choices[command]
     return {s for action in sub._actions for s in action.option_strings if s.startswith("--")}
 
