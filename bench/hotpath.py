@@ -102,9 +102,9 @@ def main() -> int:
         )
         assert client.stdout is not None
         client.stdout.readline()
-        before, t0 = procstat.sample({"server": server.pid})["server"], time.monotonic()
+        before, t0 = procstat.sample({"server": (server.pid,)})["server"], time.monotonic()
         client.wait()
-        after, wall = procstat.sample({"server": server.pid})["server"], time.monotonic() - t0
+        after, wall = procstat.sample({"server": (server.pid,)})["server"], time.monotonic() - t0
         messages = args.streams * args.chunks
         print(
             f"{args.servicer}: {messages} body messages in {wall:.2f} s "

@@ -1,5 +1,6 @@
 """`stream-relay bench`: its pure parts (percentiles, the load generator's HTTP parser, report
-checks and tables) and one tiny run of two scenarios through the real harness."""
+checks and tables, scenario selection) and tiny runs through the real harness, one of them on
+two relay nodes with their own redis-server."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from typing import Any
 import pytest
 
 from extproc.bench import peers, report
+from extproc.bench.command import selected, sweep_levels
 from extproc.bench.loadgen import Response
-from extproc.bench.runner import QUICK, Load, measure, sweep
+from extproc.bench.runner import QUICK, Load, measure, per_role, run_loadgen, streams_job, sweep
 from extproc.bench.scenarios import running
 from extproc.bench.stats import expected_events, percentile, summary
 from extproc.cli import build_parser
@@ -125,6 +127,30 @@ def test_targets_and_markdown() -> None:
     assert "**no**" in table
 
 
+def test_redis_cost_and_no_redis_column_without_redis_rows() -> None:
+    plain = _report(relay_inline=_row())
+    assert "redis µs/ev" not in report.markdown(plain) and report.redis_cost(plain) == {}
+    redis1 = _row(cpu_us_per_event={"relay": 45.0, "redis": 5.0, "loadgen": 1.0})
+    cost = report.redis_cost(_report(relay_inline=_row(), relay_inline_redis_1=redis1))
+    assert cost["relay_extra_cpu_us_per_event"] == 15.0
+    assert cost["total_cpu_us_per_event"] == 20.0
+
+
+def test_scenario_selection() -> None:
+    assert selected("scaleout,relay_inline") == (
+        "relay_inline",
+        "relay_inline_redis_1",
+        "relay_inline_redis_2",
+        "relay_inline_redis_3",
+    )
+    with pytest.raises(ValueError, match="unknown scenario 'relay_inline_redis_9'"):
+        selected("envoy,relay_inline_redis_9")
+    assert sweep_levels("1000,2500") == (1000.0, 2500.0)
+    for bad in ("2500,1000", "x", ""):
+        with pytest.raises(ValueError, match="--sweep"):
+            sweep_levels(bad)
+
+
 def test_cli_has_the_bench_subcommand() -> None:
     args = build_parser().parse_args(["bench", "--quick", "--json", "r.json", "--out", "d"])
     assert (args.command, args.quick, args.json, args.out) == (
@@ -169,3 +195,36 @@ def test_tiny_run_through_the_real_harness(upstream: tuple[Stack, int], tmp_path
     assert report.schema_errors(result) == []
     assert "relay" in result["scenarios"]["relay_inline"]["cpu_us_per_event"]
     report.markdown(result)
+
+
+def test_two_redis_nodes_count_as_one_relay_role(
+    upstream: tuple[Stack, int], tmp_path: Path
+) -> None:
+    """relay_inline_redis_2: both nodes' CPU and RSS are summed under `relay`, redis-server is
+    its own role, and every process is gone once the scenario ends."""
+    stack, port = upstream
+    load = Load(
+        events_per_s=200,
+        duration_s=1.0,
+        warmup_s=0.0,
+        rate=(50, 50),
+        ttft_ms=(0, 0),
+        tokens=(40, 40),
+    )
+    name = "relay_inline_redis_2"
+    with running(name, port, stack.children[0].process.pid, tmp_path / name) as target:
+        nodes = target.pids["relay"]
+        assert len(nodes) == 2 and target.redis_url and len(target.metrics_urls) == 2
+        main = measure(target, load)
+        assert main["events_per_s"] > 0 and main["errors"] == 0 and main["tagged_fraction"] >= 1
+        assert main["cpu_us_per_event"]["redis"] >= 0 and main["rss_mb"]["redis"] > 0
+        # Each node as a role of its own next to `relay`, in the same samples: relay is the sum.
+        each = {**target.pids, "node1": nodes[:1], "node2": nodes[1:]}
+        result, before, after = run_loadgen(streams_job(target, load), each, timeout_s=30)
+        cpu, rss = per_role(before, after, result["events"])
+        assert cpu["relay"] == pytest.approx(cpu["node1"] + cpu["node2"])
+        assert rss["relay"] == pytest.approx(rss["node1"] + rss["node2"])
+        assert rss["node1"] > 0 and rss["node2"] > 0
+        ours = {role: roots for role, roots in target.pids.items() if role != "upstream"}
+        started = [pid for roots in ours.values() for pid in roots]
+    assert not [pid for pid in started if Path(f"/proc/{pid}").exists()]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import json
 import math
 import shutil
@@ -12,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from extproc.bench import report
-from extproc.bench.runner import FULL, QUICK, SCENARIOS, run
+from extproc.bench.runner import DEFAULT_SCENARIOS, FULL, GROUPS, QUICK, SCENARIOS, run
 
 
 def add_parser(commands: Any) -> None:
@@ -30,9 +32,45 @@ def add_parser(commands: Any) -> None:
     )
     bench.add_argument(
         "--scenarios",
-        default=",".join(SCENARIOS),
-        help=f"comma-separated subset of {','.join(SCENARIOS)}",
+        default=",".join(DEFAULT_SCENARIOS),
+        help=f"comma-separated, from {','.join(SCENARIOS)}; or a group: "
+        + ", ".join(f"{g} = {','.join(names)}" for g, names in GROUPS.items())
+        + f" (default {','.join(DEFAULT_SCENARIOS)})",
     )
+    bench.add_argument(
+        "--sweep",
+        metavar="LEVELS",
+        help="comma-separated offered ev/s for the saturation sweep, rising "
+        "(default 2500,5000,...,30000; none with --quick)",
+    )
+
+
+def selected(text: str) -> tuple[str, ...]:
+    """Scenario names (groups expanded, duplicates dropped, order kept); ValueError names the
+    first unknown one."""
+    out: list[str] = []
+    for name in (s.strip() for s in text.split(",")):
+        for each in GROUPS.get(name, (name,) if name else ()):
+            if each not in SCENARIOS:
+                raise ValueError(f"unknown scenario {each!r} (known: {', '.join(SCENARIOS)})")
+            if each not in out:
+                out.append(each)
+    if not out:
+        raise ValueError("no scenario selected")
+    return tuple(out)
+
+
+def sweep_levels(text: str) -> tuple[float, ...]:
+    """Rising positive ev/s levels; ValueError says what is wrong."""
+    try:
+        levels = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"--sweep wants numbers, got {text!r}") from None
+    if not levels or any(b <= a for a, b in itertools.pairwise(levels)):
+        raise ValueError(f"--sweep wants rising levels, got {text!r}")
+    if levels[0] <= 0:
+        raise ValueError(f"--sweep levels must be positive, got {text!r}")
+    return levels
 
 
 def _finite(value: Any) -> Any:
@@ -53,15 +91,23 @@ def main(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    scenarios = tuple(s for s in args.scenarios.split(",") if s)
-    unknown = [s for s in scenarios if s not in SCENARIOS]
-    if unknown:
-        print(f"stream-relay bench: unknown scenario {unknown[0]!r}", file=sys.stderr)
+    try:
+        scenarios = selected(args.scenarios)
+        plan = QUICK if args.quick else FULL
+        if args.sweep:
+            plan = dataclasses.replace(
+                plan,
+                sweep=sweep_levels(args.sweep),
+                sweep_duration_s=max(plan.sweep_duration_s, 2.0),  # QUICK has no sweep time
+                sweep_warmup_s=max(plan.sweep_warmup_s, 1.0),
+            )
+    except ValueError as exc:
+        print(f"stream-relay bench: {exc}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     workdir, ok = Path(tempfile.mkdtemp(prefix="stream-relay-bench-")), False
     try:
-        result = run(QUICK if args.quick else FULL, scenarios, workdir, args.quick)
+        result = run(plan, scenarios, workdir, args.quick)
         result["command"] = "stream-relay bench " + " ".join(sys.argv[2:])
         ok = True
     except KeyboardInterrupt:

@@ -11,6 +11,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import urllib.error
@@ -32,7 +33,11 @@ from extproc.supervisor import (
 
 READY_TIMEOUT_S = 30.0
 # Debian package per peer binary; the first that installs wins.
-PEER_PACKAGES = {"nginx": ("nginx-light", "nginx"), "pushpin": ("pushpin",)}
+PEER_PACKAGES = {
+    "nginx": ("nginx-light", "nginx"),
+    "pushpin": ("pushpin",),
+    "redis-server": ("redis-server",),
+}
 
 NGINX_CONF = """\
 # bench: nginx as a streaming (SSE) reverse proxy in front of the demo upstream
@@ -249,3 +254,25 @@ def start_pushpin(stack: Stack, llm_port: int) -> int:
     stack.spawn("pushpin", argv)
     _wait_http(stack, f"http://127.0.0.1:{port}/healthz")
     return port
+
+
+def _answers_ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as conn:
+            conn.sendall(b"PING\r\n")
+            return conn.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def start_redis(stack: Stack) -> str:
+    """A private redis-server (loopback, no persistence, files in the stack's dir) for the
+    scale-out scenarios; returns its URL."""
+    port = _free_port()
+    argv = [
+        "redis-server",
+        *("--port", str(port), "--bind", "127.0.0.1", "--dir", str(stack.workdir)),
+        *("--save", "", "--appendonly", "no", "--daemonize", "no"),
+    ]
+    _wait_until("PONG", stack.spawn("redis", argv), lambda: _answers_ping(port))
+    return f"redis://127.0.0.1:{port}/0"

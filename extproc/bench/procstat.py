@@ -1,12 +1,15 @@
 """CPU time and resident memory of process trees, read from /proc (Linux only).
 
 A scenario's process (Envoy, nginx's master, pushpin's runner) may fork workers; every figure
-here covers a process and its live descendants, so a peer's workers count as the peer.
+here covers a process and its live descendants, so a peer's workers count as the peer. A role
+may have several roots (pushpin + zurl, or every relay node of a scale-out stack): its figure
+is that of the union of their trees.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,20 +37,22 @@ def _table() -> dict[int, tuple[int, int, int]]:
     return table
 
 
-def descendants(root: int, table: dict[int, tuple[int, int, int]]) -> set[int]:
-    tree, frontier = {root}, {root}
+def descendants(roots: Iterable[int], table: dict[int, tuple[int, int, int]]) -> set[int]:
+    tree = set(roots)
+    frontier = set(tree)
     while frontier:
         frontier = {p for p, row in table.items() if row[0] in frontier} - tree
         tree |= frontier
     return tree
 
 
-def sample(pids: dict[str, int]) -> dict[str, Sample]:
-    """One Sample per named process tree; a tree that is gone counts as zero."""
+def sample(pids: Mapping[str, Sequence[int]]) -> dict[str, Sample]:
+    """One Sample per role: the union of its roots' trees (a tree that is gone counts as zero;
+    a union, so a root inside another's tree is not counted twice)."""
     table = _table()
     out = {}
-    for name, pid in pids.items():
-        rows = [table[p] for p in descendants(pid, table) if p in table]
+    for name, roots in pids.items():
+        rows = [table[p] for p in descendants(roots, table) if p in table]
         ticks, pages = sum(r[1] for r in rows), sum(r[2] for r in rows)
         out[name] = Sample(ticks / _CLK_TCK, pages * _PAGE)
     return out

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from extproc.bench.scenarios import DESCRIPTIONS, ROLES
+from extproc.bench.scenarios import DESCRIPTIONS, EXTRA_ROLES, REDIS_NODES, ROLES
 
 Json = dict[str, Any]
 SCENARIO_KEYS = ("events_per_s", "latency_ms", "ttft_ms", "cpu_us_per_event", "rss_mb")
@@ -107,6 +107,37 @@ def targets(report: Json) -> list[Json]:
     return out
 
 
+def _roles(report: Json) -> tuple[str, ...]:
+    """ROLES, plus an extra role (redis) only if some scenario measured it."""
+    seen = {r for row in report["scenarios"].values() for r in row.get("cpu_us_per_event", {})}
+    return ROLES + tuple(r for r in EXTRA_ROLES if r in seen)
+
+
+def redis_cost(report: Json) -> Json:
+    """What the Redis store costs per event, from relay_inline (memory) and
+    relay_inline_redis_1 at the same load: the relay node's extra CPU, redis-server's CPU, and
+    Redis memory per finished event and session. {} when either row is missing."""
+    memory, redis1 = _ok(report, "relay_inline"), _ok(report, "relay_inline_redis_1")
+    if not memory or not redis1:
+        return {}
+    relay_extra = redis1["cpu_us_per_event"]["relay"] - memory["cpu_us_per_event"]["relay"]
+    server = redis1["cpu_us_per_event"].get("redis", math.nan)
+    out: Json = {
+        "relay_cpu_us_per_event_memory": memory["cpu_us_per_event"]["relay"],
+        "relay_cpu_us_per_event_redis_1": redis1["cpu_us_per_event"]["relay"],
+        "relay_extra_cpu_us_per_event": relay_extra,
+        "redis_cpu_us_per_event": server,
+        "total_cpu_us_per_event": relay_extra + server,
+    }
+    stored = report.get("scaleout", {}).get("scenarios", {}).get("relay_inline_redis_1", {})
+    if "redis_memory" in stored:
+        mem = stored["redis_memory"]
+        out["redis_bytes_per_event"] = mem["bytes_per_event"]
+        out["redis_bytes_per_session"] = mem["bytes_per_session"]
+        out["payload_bytes_per_event"] = mem["payload_bytes_per_event"]
+    return out
+
+
 def _f(value: Any, digits: int = 2) -> str:
     if not isinstance(value, int | float) or not math.isfinite(value):
         return "-"
@@ -114,7 +145,7 @@ def _f(value: Any, digits: int = 2) -> str:
 
 
 def markdown(report: Json) -> str:
-    m, load = report["machine"], report["load"]
+    m, load, roles = report["machine"], report["load"], _roles(report)
     lines = [
         f"Machine: {m['cores']} cores, {m['cpu_model']}; Python {m.get('python')}, "
         f"Envoy {m.get('envoy')}; commit {m.get('commit')}; load average at start "
@@ -131,9 +162,9 @@ def markdown(report: Json) -> str:
         f"{load['duration_s']:g} s measured after {load['warmup_s']:g} s warm-up.",
         "",
         "| scenario | ev/s | p50 ms | p99 ms | max ms | TTFT p50 / p99 ms | "
-        + " | ".join(f"{r} µs/ev" for r in ROLES)
+        + " | ".join(f"{r} µs/ev" for r in roles)
         + " | relay / peer RSS MB | saturation ev/s |",
-        "|---" * (8 + len(ROLES)) + "|",
+        "|---" * (8 + len(roles)) + "|",
     ]
     for name, row in report["scenarios"].items():
         if row.get("status") != "ok":
@@ -142,14 +173,15 @@ def markdown(report: Json) -> str:
         lat, cpu, rss = row["latency_ms"], row["cpu_us_per_event"], row["rss_mb"]
         sat = report["saturation"].get(name, {})
         sat_text = ("≥" if sat.get("lower_bound") else "") + _f(sat.get("events_per_s"), 0)
-        cpus = " | ".join(_f(cpu.get(r), 1) if r in cpu else "" for r in ROLES)
+        cpus = " | ".join(_f(cpu.get(r), 1) if r in cpu else "" for r in roles)
         mem = " / ".join(_f(rss.get(r), 1) if r in rss else "-" for r in ("relay", "peer"))
         lines.append(
             f"| {name} | {_f(row['events_per_s'], 0)} | {_f(lat['p50'])} | {_f(lat['p99'])} | "
             f"{_f(lat['max'])} | {_f(row['ttft_ms']['p50'], 1)} / {_f(row['ttft_ms']['p99'], 1)} | "
             f"{cpus} | {mem} | {sat_text} |"
         )
-    lines += ["", "Scenarios: " + "; ".join(f"`{k}`: {v}" for k, v in DESCRIPTIONS.items()) + "."]
+    described = [k for k in DESCRIPTIONS if k not in REDIS_NODES or k in report["scenarios"]]
+    lines += ["", "Scenarios: " + "; ".join(f"`{k}`: {DESCRIPTIONS[k]}" for k in described) + "."]
     if report.get("multicast"):
         lines += [
             "",
@@ -194,6 +226,7 @@ def markdown(report: Json) -> str:
                 f"{_f(row['rss_mb_per_1000'])} MB (store {_f(row['store_mb_per_1000'])}"
                 f" MB, of which payload {_f(row['payload_mb_per_1000'])} MB) |"
             )
+    lines += _scaleout_markdown(report)
     found = targets(report)
     if found:
         lines += ["", "| target | measured | bound | met |", "|---|---|---|---|"]
@@ -203,6 +236,75 @@ def markdown(report: Json) -> str:
                 f"{t['unit']} | {'yes' if t['met'] else '**no**'} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _scaleout_markdown(report: Json) -> list[str]:
+    scaleout = report.get("scaleout")
+    if not scaleout:
+        return []
+    lines = [
+        "",
+        "Scale-out (relay = all nodes summed):",
+        "",
+        "| scenario | nodes | store | ev/s | delivered | p50 ms | p99 ms | relay µs/ev | "
+        "redis µs/ev | envoy µs/ev | relay / redis RSS MB | saturation ev/s | "
+        "100 readers: ev/s, p99 ms, complete |",
+        "|---" * 13 + "|",
+    ]
+    for name, extra in scaleout.get("scenarios", {}).items():
+        row = _ok(report, name)
+        if row is None:
+            continue
+        lat, cpu, rss = row["latency_ms"], row["cpu_us_per_event"], row["rss_mb"]
+        sat = report["saturation"].get(name, {})
+        fan = next((m for m in extra["multicast"] if m["readers"] == 100), None)
+        fan_text = (
+            f"{_f(fan['events_per_s'], 0)}, {_f(fan['latency_ms']['p99'])}, "
+            f"{fan['complete']}/{fan['readers']}"
+            if fan
+            else "-"
+        )
+        lines.append(
+            f"| {name} | {extra['nodes']} | {extra['store']} | {_f(row['events_per_s'], 0)} | "
+            f"{_f(100 * row['delivered_ratio'], 1)} % | {_f(lat['p50'])} | {_f(lat['p99'])} | "
+            f"{_f(cpu.get('relay'), 1)} | {_f(cpu.get('redis'), 1)} | {_f(cpu.get('envoy'), 1)} | "
+            f"{_f(rss.get('relay'), 1)} / {_f(rss.get('redis'), 1)} | "
+            + ("≥" if sat.get("lower_bound") else "")
+            + f"{_f(sat.get('events_per_s'), 0)} | {fan_text} |"
+        )
+    lines += [
+        "",
+        "| fan-out: scenario | readers | ev/s | p50 ms | p99 ms | max ms | complete | "
+        "relay µs/ev | redis µs/ev | envoy µs/ev |",
+        "|---" * 10 + "|",
+    ]
+    for name, extra in scaleout.get("scenarios", {}).items():
+        for m in extra["multicast"]:
+            lat, cpu = m["latency_ms"], m["cpu_us_per_event"]
+            lines.append(
+                f"| {name} | {m['readers']} | {_f(m['events_per_s'], 0)} | {_f(lat['p50'])} | "
+                f"{_f(lat['p99'])} | {_f(lat['max'])} | {m['complete']}/{m['readers']} | "
+                f"{_f(cpu.get('relay'), 1)} | {_f(cpu.get('redis'), 1)} | "
+                f"{_f(cpu.get('envoy'), 1)} |"
+            )
+    cost = scaleout.get("redis_cost") or {}
+    if cost:
+        lines += [
+            "",
+            f"Redis cost per event (relay_inline_redis_1 vs relay_inline): relay "
+            f"{_f(cost['relay_cpu_us_per_event_redis_1'], 1)} - "
+            f"{_f(cost['relay_cpu_us_per_event_memory'], 1)} = "
+            f"{_f(cost['relay_extra_cpu_us_per_event'], 1)} µs, plus redis-server "
+            f"{_f(cost['redis_cpu_us_per_event'], 1)} µs: "
+            f"**{_f(cost['total_cpu_us_per_event'], 1)} µs CPU per event**.",
+        ]
+        if "redis_bytes_per_event" in cost:
+            lines.append(
+                f"Redis memory: {_f(cost['redis_bytes_per_event'], 0)} B per event "
+                f"(payload {_f(cost['payload_bytes_per_event'], 0)} B), "
+                f"{_f(cost['redis_bytes_per_session'], 0)} B per finished 22-event session."
+            )
+    return lines
 
 
 def write_chart(report: Json, path: Path) -> None:
@@ -220,7 +322,7 @@ def write_chart(report: Json, path: Path) -> None:
         lat_ax.bar([i + offset for i in x], [r["latency_ms"][q] for r in rows], 0.4, label=q)
     lat_ax.set(title="latency upstream write → client (ms)", yscale="log")
     bottom = [0.0] * len(rows)
-    for role in ROLES:
+    for role in _roles(report):
         values = [r["cpu_us_per_event"].get(role, 0.0) for r in rows]
         cpu_ax.bar(x, values, 0.6, bottom=bottom, label=role)
         bottom = [b + v for b, v in zip(bottom, values, strict=True)]

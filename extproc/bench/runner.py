@@ -3,8 +3,10 @@
 Order: one demo upstream for all; per scenario start it, check it once, run the main load,
 then the saturation sweep (rising offered load until p99 passes the bound or delivery falls
 behind), then (relay scenarios) memory per open session, and on the detached stack multicast,
-resume and finished-session memory. The load generator is a separate process
-(`loadgen.py`); this process only samples /proc around its measured window.
+resume and finished-session memory. Scale-out (`--scenarios scaleout`): reader fan-out on
+every Redis stack and on the memory-store `relay_inline` it is compared with, and Redis memory
+per finished session. The load generator is a separate process (`loadgen.py`); this process
+only samples /proc around its measured window.
 """
 
 from __future__ import annotations
@@ -23,8 +25,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import redis
+
 from extproc.bench import peers, procstat
-from extproc.bench.scenarios import NEEDS, RELAY_SCENARIOS, SCENARIOS, Target, running
+from extproc.bench.report import redis_cost
+from extproc.bench.scenarios import (
+    DEFAULT_SCENARIOS,
+    GROUPS,
+    NEEDS,
+    REDIS_NODES,
+    RELAY_SCENARIOS,
+    SCENARIOS,
+    Target,
+    running,
+)
 from extproc.supervisor import Stack, envoy_binary
 
 Json = dict[str, Any]
@@ -127,7 +141,11 @@ def machine() -> Json:
 
 
 def run_loadgen(
-    job: Json, pids: dict[str, int], *, timeout_s: float, on_open: Callable[[], None] | None = None
+    job: Json,
+    pids: dict[str, tuple[int, ...]],
+    *,
+    timeout_s: float,
+    on_open: Callable[[], None] | None = None,
 ) -> tuple[Json, dict[str, procstat.Sample], dict[str, procstat.Sample]]:
     """Run one loadgen job; returns its result and /proc samples at its window's start and end
     (per role, the load generator included)."""
@@ -140,7 +158,7 @@ def run_loadgen(
     )
     watchdog = threading.Timer(timeout_s, proc.kill)  # a hung run must not hang the bench
     watchdog.start()
-    roles = {**pids, "loadgen": proc.pid}
+    roles = {**pids, "loadgen": (proc.pid,)}
     before: dict[str, procstat.Sample] = {}
     after: dict[str, procstat.Sample] = {}
     result: Json | None = None
@@ -175,30 +193,33 @@ def run_loadgen(
 def per_role(
     before: dict[str, procstat.Sample], after: dict[str, procstat.Sample], events: int
 ) -> tuple[Json, Json]:
-    """CPU µs per delivered event and RSS MB at the end, per role (peer_* folded into peer)."""
+    """CPU µs per delivered event and RSS MB at the end, per role (all of a role's processes)."""
     cpu: dict[str, float] = {}
     rss: dict[str, float] = {}
-    for key, end in after.items():
-        role = key.split("_", 1)[0] if key.startswith("peer_") else key
-        start = before.get(key, end)
-        cpu[role] = cpu.get(role, 0.0) + (end.cpu_s - start.cpu_s) * 1e6 / max(events, 1)
-        rss[role] = rss.get(role, 0.0) + end.rss_bytes / MB
+    for role, end in after.items():
+        start = before.get(role, end)
+        cpu[role] = (end.cpu_s - start.cpu_s) * 1e6 / max(events, 1)
+        rss[role] = end.rss_bytes / MB
     return cpu, rss
 
 
-def measure(target: Target, load: Load) -> Json:
-    streams = load.streams()
-    job: Json = {
+def streams_job(target: Target, load: Load) -> Json:
+    return {
         "kind": "streams",
         "host": "127.0.0.1",
         "port": target.port,
         "path": "/v1/chat/completions",
-        "streams": streams,
+        "streams": load.streams(),
         "warmup_s": load.warmup_s,
         "duration_s": load.duration_s,
         "ttft_ms": list(load.ttft_ms),
         "tokens": list(load.tokens),
     }
+
+
+def measure(target: Target, load: Load) -> Json:
+    job = streams_job(target, load)
+    streams = job["streams"]
     result, before, after = run_loadgen(
         job, target.pids, timeout_s=load.warmup_s + load.duration_s + 60
     )
@@ -293,7 +314,7 @@ def _metric(url: str, name: str) -> float:
 def open_session_bytes(target: Target, sessions: int) -> Json:
     """Relay RSS growth per open session: `sessions` responses whose first event is a minute
     away (headers sent, so each has a session and, inline, an ext_proc stream)."""
-    relay = target.pids["relay"]
+    relay = target.pids["relay"][0]  # single-node scenarios only
     base = {"kind": "hold", "host": "127.0.0.1", "port": target.port, "ttft_ms": 60_000}
     seen: list[int] = []
     rss0 = procstat.rss_bytes(relay)
@@ -308,7 +329,7 @@ def open_session_bytes(target: Target, sessions: int) -> Json:
 
 
 def finished_sessions(target: Target, sessions: int) -> Json:
-    relay = target.pids["relay"]
+    relay = target.pids["relay"][0]  # single-node scenarios only
     rss0, store0 = procstat.rss_bytes(relay), _metric(target.metrics_url, "relay_store_bytes")
     job = {
         "kind": "finished",
@@ -327,6 +348,47 @@ def finished_sessions(target: Target, sessions: int) -> Json:
         "rss_mb_per_1000": rss * per_k / MB,
         "store_mb_per_1000": store * per_k / MB,
         "payload_mb_per_1000": result["event_bytes"] * per_k / MB,
+    }
+
+
+def _replicated(target: Target, timeout_s: float = 60.0) -> None:
+    """Wait until no node has sessions not yet fully copied to Redis."""
+    deadline = time.monotonic() + timeout_s
+    while any(_metric(url, "relay_replication_pending_sessions") for url in target.metrics_urls):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"replication to Redis still pending after {timeout_s:.0f} s")
+        time.sleep(0.1)  # polling the nodes' metrics, bounded by the deadline
+
+
+def redis_memory(target: Target, sessions: int) -> Json:
+    """Redis `used_memory` growth over `sessions` finished 22-event sessions, once every node
+    has copied them: the shared store's bytes per session and per event."""
+    client = redis.Redis.from_url(target.redis_url)
+    try:
+        _replicated(target)  # what the scenario's earlier runs left must not count
+        used0 = int(client.info("memory")["used_memory"])
+        job = {
+            "kind": "finished",
+            "host": "127.0.0.1",
+            "port": target.port,
+            "sessions": sessions,
+            "tokens": 20,
+        }
+        result, _, _ = run_loadgen(job, {}, timeout_s=300)
+        _replicated(target)
+        used = int(client.info("memory")["used_memory"]) - used0
+        keys = int(client.dbsize())
+    finally:
+        client.close()
+    events = max(result["events"], 1)
+    return {
+        "sessions": sessions,
+        "events": result["events"],
+        "used_memory_delta_bytes": used,
+        "bytes_per_session": used / sessions,
+        "bytes_per_event": used / events,
+        "payload_bytes_per_event": result["event_bytes"] / events,
+        "keys_at_end": keys,
     }
 
 
@@ -381,8 +443,17 @@ def check(target: Target) -> None:
 
 
 def run_scenario(
-    name: str, upstream: Stack, upstream_port: int, plan: Plan, workdir: Path, extras: Json
+    name: str,
+    upstream: Stack,
+    upstream_port: int,
+    plan: Plan,
+    workdir: Path,
+    extras: Json,
+    *,
+    scaleout: bool = False,
 ) -> tuple[Json, Json | None]:
+    """One scenario's measurements; `scaleout` adds fan-out (and, on Redis, store memory)
+    under extras["scaleout"]."""
     upstream_pid = upstream.children[0].process.pid
     with running(name, upstream_port, upstream_pid, workdir / name) as target:
         check(target)
@@ -400,6 +471,15 @@ def run_scenario(
                 extras["multicast"] = multicast(target, plan)
                 extras["resume"] = resume(target, plan)
                 memory["finished_sessions"] = finished_sessions(target, plan.finished_sessions)
+        if scaleout and (name in REDIS_NODES or name == "relay_inline"):
+            row: Json = {
+                "nodes": REDIS_NODES.get(name, 1),
+                "store": "redis" if name in REDIS_NODES else "memory",
+                "multicast": multicast(target, plan),
+            }
+            if name in REDIS_NODES:
+                row["redis_memory"] = redis_memory(target, plan.finished_sessions)
+            extras.setdefault("scaleout", {}).setdefault("scenarios", {})[name] = row
     return main, saturation
 
 
@@ -413,7 +493,9 @@ def run(plan: Plan, scenarios: tuple[str, ...], workdir: Path, quick: bool) -> J
         "scenarios": {},
         "saturation": {},
     }
-    unavailable = {binary: peers.ensure_installed(binary) for binary in set(NEEDS.values())}
+    needed = {NEEDS[name] for name in scenarios if name in NEEDS}
+    unavailable = {binary: peers.ensure_installed(binary) for binary in needed}
+    scaleout = any(name in REDIS_NODES for name in scenarios)
     upstream = Stack(workdir / "upstream")
     upstream.workdir.mkdir(parents=True, exist_ok=True)
     try:
@@ -427,7 +509,7 @@ def run(plan: Plan, scenarios: tuple[str, ...], workdir: Path, quick: bool) -> J
             print(f"bench: {name} ...", file=sys.stderr)
             try:
                 main, saturation = run_scenario(
-                    name, upstream, upstream_port, plan, workdir, extras
+                    name, upstream, upstream_port, plan, workdir, extras, scaleout=scaleout
                 )
             except Exception as exc:  # one broken peer must not lose the other rows
                 report["scenarios"][name] = {"status": "failed", "reason": f"{exc}"[:500]}
@@ -436,6 +518,8 @@ def run(plan: Plan, scenarios: tuple[str, ...], workdir: Path, quick: bool) -> J
             report["scenarios"][name] = {"status": "ok", **main}
             report["saturation"][name] = saturation
         report.update(extras)
+        if "scaleout" in report:
+            report["scaleout"]["redis_cost"] = redis_cost(report)
     finally:
         peers.stop(upstream)
     report["machine"]["load_avg_end"] = list(os.getloadavg())
@@ -443,4 +527,4 @@ def run(plan: Plan, scenarios: tuple[str, ...], workdir: Path, quick: bool) -> J
     return report
 
 
-__all__ = ["FULL", "QUICK", "SCENARIOS", "Load", "Plan", "run"]
+__all__ = ["DEFAULT_SCENARIOS", "FULL", "GROUPS", "QUICK", "SCENARIOS", "Load", "Plan", "run"]
