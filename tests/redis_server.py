@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from extproc.bench.peers import redis_answers_ping
+
 START_TIMEOUT_S = 10.0
 
 
@@ -19,15 +21,6 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
-
-
-def _answers_ping(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as conn:
-            conn.sendall(b"PING\r\n")
-            return conn.recv(64).startswith(b"+PONG")
-    except OSError:
-        return False
 
 
 class RedisServer:
@@ -61,7 +54,7 @@ class RedisServer:
         log = (self.workdir / "redis.log").open("ab")
         self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + START_TIMEOUT_S
-        while not _answers_ping(self.port):
+        while not redis_answers_ping(self.port):
             if self.process.poll() is not None:
                 pytest.fail(f"redis-server exited: {(self.workdir / 'redis.log').read_text()}")
             assert time.monotonic() < deadline, "redis-server did not answer PING"

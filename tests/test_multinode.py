@@ -14,7 +14,7 @@ import httpx
 import pytest
 from conftest import envoy_stats, get_json, make_stack
 from redis_server import RedisServer
-from test_detached import wait_for
+from test_detached import read_events, wait_for
 from test_e2e import ID_LINE, chat, events_of, stream_bytes
 
 from extproc.supervisor import Child, Stack
@@ -151,10 +151,7 @@ def test_a_killed_node_fails_its_sessions_and_traffic_moves_on(two_nodes: Stack)
         ) as first,
     ):
         session = first.headers["x-relay-session"]
-        chunks = first.iter_raw()
-        seen = b""
-        while len(events_of(seen)) < 3:
-            seen += next(chunks)
+        read_events(first.iter_raw(), 3)
         wait_for(
             "the survivor to see the session",
             lambda: httpx.get(f"{survivor}/relay/v1/sessions/{session}").status_code == 200,
@@ -193,9 +190,7 @@ def test_inline_traffic_survives_a_killed_node(tmp_path: Path, redis_server: Red
         ):
             session = response.headers["x-relay-session"]
             chunks = response.iter_raw()
-            seen = b""
-            while len(events_of(seen)) < 3:
-                seen += next(chunks)
+            seen = read_events(chunks, 3)
             owner = next(
                 i for i, url in enumerate(stack.relay_http_urls) if _active_inline(url) == 1
             )

@@ -256,7 +256,8 @@ def start_pushpin(stack: Stack, llm_port: int) -> int:
     return port
 
 
-def _answers_ping(port: int) -> bool:
+def redis_answers_ping(port: int) -> bool:
+    """A redis-server is up on this loopback port (one PING, no client library)."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as conn:
             conn.sendall(b"PING\r\n")
@@ -274,5 +275,5 @@ def start_redis(stack: Stack) -> str:
         *("--port", str(port), "--bind", "127.0.0.1", "--dir", str(stack.workdir)),
         *("--save", "", "--appendonly", "no", "--daemonize", "no"),
     ]
-    _wait_until("PONG", stack.spawn("redis", argv), lambda: _answers_ping(port))
+    _wait_until("PONG", stack.spawn("redis", argv), lambda: redis_answers_ping(port))
     return f"redis://127.0.0.1:{port}/0"
