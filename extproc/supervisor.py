@@ -158,7 +158,7 @@ def _read_ports(path: Path) -> dict[str, int] | None:
         return None
 
 
-def _http_ok(url: str) -> bool:
+def http_ok(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=1) as response:
             return bool(response.status == 200)
@@ -178,7 +178,37 @@ def _envoy_listener_port(admin_url: str) -> int | None:
     return None
 
 
-def _free_port() -> int:
+def start_envoy(stack: Stack, config_path: Path, *, log_level: str = "warning") -> int:
+    """Start Envoy on a config as child "envoy", wait until it is ready, set the stack's
+    admin URL; return the port of its `public` listener."""
+    admin_path = stack.workdir / "envoy.admin"
+    envoy = stack.spawn(
+        "envoy",
+        [
+            envoy_binary(),
+            "-c",
+            str(config_path),
+            "--disable-hot-restart",
+            "--log-level",
+            log_level,
+            "--admin-address-path",
+            str(admin_path),
+        ],
+    )
+    _wait_until(
+        "its admin address",
+        envoy,
+        lambda: admin_path.is_file() and bool(admin_path.read_text().strip()),
+    )
+    stack.admin_url = f"http://{admin_path.read_text().strip()}"
+    _wait_until("ready", envoy, lambda: http_ok(f"{stack.admin_url}/ready"))
+    port = _envoy_listener_port(stack.admin_url)
+    if port is None:
+        raise StartupError("envoy is ready but reports no 'public' listener")
+    return port
+
+
+def free_port() -> int:
     """A port free right now, for the one listener the relay must know before Envoy starts."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -237,12 +267,12 @@ def _start(stack: Stack, options: StackOptions) -> None:
         )
         _wait_until("its ports file", child, lambda: _read_ports(ports_file) is not None)
         stack.upstream_url = f"http://{host}:{(_read_ports(ports_file) or {})['http_port']}"
-        _wait_until("healthy", child, lambda: _http_ok(f"{stack.upstream_url}/healthz"))
+        _wait_until("healthy", child, lambda: http_ok(f"{stack.upstream_url}/healthz"))
     else:
         stack.upstream_url = options.upstream
     upstream = Upstream.from_url(stack.upstream_url)
 
-    egress_port = _free_port()
+    egress_port = free_port()
     stack.egress_url = f"http://127.0.0.1:{egress_port}"
     relays = [_start_relay(stack, options, index) for index in range(options.nodes)]
     stack.relay_http_url = stack.relay_http_urls[0]
@@ -266,30 +296,7 @@ def _start(stack: Stack, options: StackOptions) -> None:
             security=security,
         ),
     )
-    admin_path = stack.workdir / "envoy.admin"
-    envoy = stack.spawn(
-        "envoy",
-        [
-            envoy_binary(),
-            "-c",
-            str(config_path),
-            "--disable-hot-restart",
-            "--log-level",
-            options.envoy_log_level,
-            "--admin-address-path",
-            str(admin_path),
-        ],
-    )
-    _wait_until(
-        "its admin address",
-        envoy,
-        lambda: admin_path.is_file() and bool(admin_path.read_text().strip()),
-    )
-    stack.admin_url = f"http://{admin_path.read_text().strip()}"
-    _wait_until("ready", envoy, lambda: _http_ok(f"{stack.admin_url}/ready"))
-    port = _envoy_listener_port(stack.admin_url)
-    if port is None:
-        raise StartupError("envoy is ready but reports no 'public' listener")
+    port = start_envoy(stack, config_path, log_level=options.envoy_log_level)
     public_host = "127.0.0.1" if options.listen_address in ("0.0.0.0", "::") else host
     scheme = "https" if security is not None and security.tls is not None else "http"
     stack.base_url = f"{scheme}://{public_host}:{port}"
@@ -312,7 +319,7 @@ def _start_relay(stack: Stack, options: StackOptions, index: int) -> tuple[int, 
     _wait_until("its ports file", relay, lambda: _read_ports(ports_file) is not None)
     ports = _read_ports(ports_file) or {}
     http_url = f"http://127.0.0.1:{ports['http_port']}"
-    _wait_until("healthy", relay, lambda: _http_ok(f"{http_url}/healthz"))
+    _wait_until("healthy", relay, lambda: http_ok(f"{http_url}/healthz"))
     stack.relay_http_urls.append(http_url)
     return ports["grpc_port"], ports["http_port"]
 

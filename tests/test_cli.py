@@ -24,6 +24,23 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=60)
 
 
+def read_banner(process: subprocess.Popen[str]) -> str:
+    """What `up` prints until it is ready (its last line says how to stop it)."""
+    assert process.stdout is not None
+    banner = []
+    for line in process.stdout:
+        banner.append(line)
+        if "Ctrl-C stops everything" in line:
+            break
+    return "".join(banner)
+
+
+def banner_url(banner: str, name: str) -> str:
+    found = re.search(rf"^\s+{name}\s+(\S+)", banner, re.M)
+    assert found is not None, banner
+    return found.group(1)
+
+
 @pytest.mark.parametrize(
     ("args", "names"),
     [
@@ -86,13 +103,7 @@ def test_up_demo_serves_tagged_streams_and_stops_every_child(stop_signal: int) -
         text=True,
     )
     try:
-        assert process.stdout is not None
-        banner = []
-        for line in process.stdout:
-            banner.append(line)
-            if "Ctrl-C stops everything" in line:
-                break
-        text = "".join(banner)
+        text = read_banner(process)
         urls = dict(
             re.findall(r"^\s+(base URL|Envoy admin|relay metrics|logs)\s+(\S+)", text, re.M)
         )
@@ -131,13 +142,7 @@ def test_up_with_an_upstream_that_is_not_there_still_starts() -> None:
         text=True,
     )
     try:
-        assert process.stdout is not None
-        base = ""
-        for line in process.stdout:
-            if "base URL" in line:
-                base = line.split()[2]
-            if "Ctrl-C" in line:
-                break
+        base = banner_url(read_banner(process), "base URL")
         response = httpx.post(f"{base}/v1/chat/completions", json={}, timeout=30)
         assert response.status_code == 503
     finally:

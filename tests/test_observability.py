@@ -15,7 +15,6 @@ import json
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -28,7 +27,7 @@ from conftest import make_stack
 from test_detached import open_stream, read_events
 from test_e2e import chat, events_of
 
-from extproc.supervisor import Stack
+from extproc.supervisor import Stack, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "dashboards" / "grafana" / "stream-relay.json"
@@ -86,12 +85,6 @@ def prometheus_binaries() -> tuple[str, str]:
     return prometheus, promtool
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def prometheus_config(targets: dict[str, str], *, interval: str = "1s") -> dict[str, object]:
     """The compose scrape jobs, pointed at `targets` (job -> host:port), with the alert rules."""
     return {
@@ -124,7 +117,7 @@ def write_prometheus_config(workdir: Path, stack: Stack) -> Path:
 
 class Prometheus:
     def __init__(self, binary: str, config: Path, workdir: Path) -> None:
-        self.url = f"http://127.0.0.1:{_free_port()}"
+        self.url = f"http://127.0.0.1:{free_port()}"
         self.log_path = workdir / "prometheus.log"
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(

@@ -18,6 +18,7 @@ import yaml
 from aiohttp import web
 from conftest import make_stack
 from credentials import jwks_and_signer, self_signed_cert
+from test_cli import banner_url, read_banner
 
 from extproc.envoy_config import EnvoyPorts, Upstream, render
 from extproc.envoy_security import (
@@ -33,12 +34,11 @@ from extproc.proto.relay.v1.relay_pb2 import SubscribeRequest
 from extproc.supervisor import (
     Stack,
     StackOptions,
-    _envoy_listener_port,
-    _http_ok,
     _python_child,
     _read_ports,
     _wait_until,
     envoy_binary,
+    start_envoy,
     start_stack,
 )
 
@@ -432,7 +432,6 @@ async def recorded(creds: Creds, tmp_path: Path) -> AsyncIterator[tuple[Stack, R
         _wait_until("its ports file", relay, lambda: _read_ports(ports_file) is not None)
         grpc_port = (_read_ports(ports_file) or {})["grpc_port"]
         config = tmp_path / "envoy.yaml"
-        admin_path = tmp_path / "envoy.admin"
         config.write_text(
             render(
                 EnvoyPorts(
@@ -446,20 +445,7 @@ async def recorded(creds: Creds, tmp_path: Path) -> AsyncIterator[tuple[Stack, R
                 security=creds.security(),
             )
         )
-        envoy = stack.spawn(
-            "envoy",
-            [envoy_binary(), "-c", str(config), "--disable-hot-restart",
-             "--admin-address-path", str(admin_path)],
-        )  # fmt: skip
-        _wait_until(
-            "its admin address",
-            envoy,
-            lambda: admin_path.is_file() and bool(admin_path.read_text().strip()),
-        )
-        stack.admin_url = f"http://{admin_path.read_text().strip()}"
-        _wait_until("ready", envoy, lambda: _http_ok(f"{stack.admin_url}/ready"))
-        port = _envoy_listener_port(stack.admin_url)
-        assert port is not None
+        port = start_envoy(stack, config)
         stack.base_url = f"http://127.0.0.1:{port}"
         # The sync waits above blocked this loop, so the recorder may have failed Envoy's first
         # health checks: wait (without blocking it) until Envoy routes to it again.
@@ -606,15 +592,9 @@ def test_up_wires_every_security_flag(creds: Creds, tmp_path: Path) -> None:
         text=True,
     )
     try:
-        assert process.stdout is not None
-        banner = []
-        for line in process.stdout:
-            banner.append(line)
-            if "Ctrl-C stops everything" in line:
-                break
-        text = "".join(banner)
+        text = read_banner(process)
         assert "authentication API keys or JWT; identity in x-relay-identity" in text, text
-        base = next(line.split()[2] for line in banner if "base URL" in line)
+        base = banner_url(text, "base URL")
         assert base.startswith("https://")
         with httpx.Client(base_url=base, verify=context, timeout=30) as client:
             assert client.post("/v1/chat/completions", json=CHAT).status_code == 401

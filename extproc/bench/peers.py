@@ -14,8 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from importlib import resources
 from pathlib import Path
 from string import Template
@@ -23,12 +21,11 @@ from string import Template
 from extproc.envoy_config import EnvoyPorts, Upstream, render
 from extproc.supervisor import (
     Stack,
-    StartupError,
-    _envoy_listener_port,
-    _free_port,
     _read_ports,
     _wait_until,
-    envoy_binary,
+    free_port,
+    http_ok,
+    start_envoy,
 )
 
 READY_TIMEOUT_S = 30.0
@@ -122,16 +119,8 @@ def stop(stack: Stack) -> None:
             os.killpg(child.process.pid, signal.SIGKILL)
 
 
-def _http_200(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as response:
-            return bool(response.status == 200)
-    except (urllib.error.URLError, OSError):
-        return False
-
-
 def _wait_http(stack: Stack, url: str) -> None:
-    _wait_until(f"{url} to answer", stack.children[-1], lambda: _http_200(url))
+    _wait_until(f"{url} to answer", stack.children[-1], lambda: http_ok(url))
 
 
 def start_upstream(stack: Stack) -> int:
@@ -147,26 +136,9 @@ def start_upstream(stack: Stack) -> int:
 
 
 def _start_envoy(stack: Stack, config: str) -> int:
-    path, admin = stack.workdir / "envoy.yaml", stack.workdir / "envoy.admin"
+    path = stack.workdir / "envoy.yaml"
     path.write_text(config)
-    argv = [
-        envoy_binary(),
-        "-c",
-        str(path),
-        "--disable-hot-restart",
-        "--log-level",
-        "warning",
-        "--admin-address-path",
-        str(admin),
-    ]
-    envoy = stack.spawn("envoy", argv)
-    _wait_until("its admin address", envoy, lambda: admin.is_file() and bool(admin.read_text()))
-    stack.admin_url = f"http://{admin.read_text().strip()}"
-    _wait_until("ready", envoy, lambda: _http_200(f"{stack.admin_url}/ready"))
-    port = _envoy_listener_port(stack.admin_url)
-    if port is None:
-        raise StartupError("envoy is ready but reports no 'public' listener")
-    return port
+    return start_envoy(stack, path)
 
 
 def start_envoy_plain(stack: Stack, llm_port: int) -> int:
@@ -188,8 +160,8 @@ def start_envoy_noop(stack: Stack, llm_port: int) -> int:
             listen_port=0,
             admin_port=0,
             relay_grpc_port=grpc_port,
-            relay_http_port=_free_port(),
-            egress_port=_free_port(),
+            relay_http_port=free_port(),
+            egress_port=free_port(),
         ),
         Upstream("127.0.0.1", llm_port, tls=False),
         write_path="inline",
@@ -199,7 +171,7 @@ def start_envoy_noop(stack: Stack, llm_port: int) -> int:
 
 def start_nginx(stack: Stack, llm_port: int) -> int:
     """nginx (2 workers, like Envoy's 2 worker threads) with proxy_buffering off."""
-    port, conf = _free_port(), stack.workdir / "nginx.conf"
+    port, conf = free_port(), stack.workdir / "nginx.conf"
     conf.write_text(
         Template(NGINX_CONF).substitute(dir=stack.workdir, port=port, llm_port=llm_port)
     )
@@ -211,7 +183,7 @@ def start_nginx(stack: Stack, llm_port: int) -> int:
 def start_pushpin(stack: Stack, llm_port: int) -> int:
     """pushpin (its runner starts condure, pushpin-proxy and pushpin-handler) with one route
     to the demo upstream; a response without GRIP headers is proxied as a plain stream."""
-    port, workdir = _free_port(), stack.workdir
+    port, workdir = free_port(), stack.workdir
     (workdir / "pushpin-run").mkdir(exist_ok=True)
     (workdir / "pushpin-log").mkdir(exist_ok=True)
     (workdir / "routes").write_text(f"* 127.0.0.1:{llm_port}\n")
@@ -220,10 +192,10 @@ def start_pushpin(stack: Stack, llm_port: int) -> int:
         "logdir": str(workdir / "pushpin-log"),
         "http_port": str(port),
         "routesfile": str(workdir / "routes"),
-        "push_in_spec": f"tcp://127.0.0.1:{_free_port()}",
-        "push_in_sub_specs": f"tcp://127.0.0.1:{_free_port()}",
-        "push_in_http_port": str(_free_port()),
-        "command_spec": f"tcp://127.0.0.1:{_free_port()}",
+        "push_in_spec": f"tcp://127.0.0.1:{free_port()}",
+        "push_in_sub_specs": f"tcp://127.0.0.1:{free_port()}",
+        "push_in_http_port": str(free_port()),
+        "command_spec": f"tcp://127.0.0.1:{free_port()}",
     }
     # pushpin-proxy makes upstream calls through zurl; Debian's zurl config (and the runner's
     # template) deny 127.*, so ours runs as its own child with loopback allowed.
@@ -269,7 +241,7 @@ def redis_answers_ping(port: int) -> bool:
 def start_redis(stack: Stack) -> str:
     """A private redis-server (loopback, no persistence, files in the stack's dir) for the
     scale-out scenarios; returns its URL."""
-    port = _free_port()
+    port = free_port()
     argv = [
         "redis-server",
         *("--port", str(port), "--bind", "127.0.0.1", "--dir", str(stack.workdir)),
