@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -72,6 +73,24 @@ def own_stack(tmp_path: Path) -> Iterator[Stack]:
     running = make_stack(tmp_path)
     yield running
     running.stop()
+
+
+def npm_ci_unless_installed(
+    npm: str, project: Path, package: str, version: str, *, timeout_s: float
+) -> None:
+    """`npm ci` in `project` unless node_modules already holds `package` at `version`."""
+    installed = project / "node_modules" / package / "package.json"
+    if installed.is_file() and json.loads(installed.read_text())["version"] == version:
+        return
+    done = subprocess.run(
+        [npm, "ci", "--no-audit", "--no-fund"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+    assert done.returncode == 0, f"npm ci failed:\n{done.stdout}\n{done.stderr}"
 
 
 async def run_to_end(*argv: str, kill_after_s: float) -> tuple[int, bytes, bytes]:

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import npm_ci_unless_installed
 from test_chaos import reference_events
 
 from extproc.supervisor import Stack
@@ -44,19 +45,9 @@ def playwright_node() -> Iterator[str]:
     if not CHROMIUM.is_file():
         pytest.skip(f"{CHROMIUM} is missing: `apt-get install chromium` (scripts/test does)")
     pinned = json.loads((JS_DIR / "package.json").read_text())["devDependencies"]
-    installed = JS_DIR / "node_modules" / "playwright-core" / "package.json"
-    if not installed.is_file() or (
-        json.loads(installed.read_text())["version"] != pinned["playwright-core"]
-    ):
-        done = subprocess.run(
-            [npm, "ci", "--no-audit", "--no-fund"],
-            cwd=JS_DIR,
-            capture_output=True,
-            text=True,
-            timeout=NPM_CI_TIMEOUT_S,
-            check=False,
-        )
-        assert done.returncode == 0, f"npm ci failed:\n{done.stdout}\n{done.stderr}"
+    npm_ci_unless_installed(
+        npm, JS_DIR, "playwright-core", pinned["playwright-core"], timeout_s=NPM_CI_TIMEOUT_S
+    )
     yield node
 
 

@@ -11,7 +11,6 @@ import asyncio
 import json
 import re
 import shutil
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 from chaos_proxy import ChaosProxy, CutPlan
-from conftest import run_to_end
+from conftest import npm_ci_unless_installed, run_to_end
 from test_chaos import envoy_port, no_reuse_client, reference_events
 from test_e2e import chat, events_of
 
@@ -45,17 +44,7 @@ def node_reader() -> Iterator[Node]:
     if node is None or npm is None:
         pytest.skip("node and npm are not on PATH (CI installs them)")
     pinned = json.loads((JS_DIR / "package.json").read_text())["dependencies"]["eventsource"]
-    installed = JS_DIR / "node_modules" / "eventsource" / "package.json"
-    if not installed.is_file() or json.loads(installed.read_text())["version"] != pinned:
-        done = subprocess.run(
-            [npm, "ci", "--no-audit", "--no-fund"],
-            cwd=JS_DIR,
-            capture_output=True,
-            text=True,
-            timeout=NPM_CI_TIMEOUT_S,
-            check=False,
-        )
-        assert done.returncode == 0, f"npm ci failed:\n{done.stdout}\n{done.stderr}"
+    npm_ci_unless_installed(npm, JS_DIR, "eventsource", pinned, timeout_s=NPM_CI_TIMEOUT_S)
     yield Node(node, READER)
 
 
