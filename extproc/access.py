@@ -1,11 +1,11 @@
 """Who may read a session: its owner (the identity Envoy authenticated when it was created),
 or a holder of a read-only share token the owner minted for that one session.
 
-Envoy authenticates and writes the caller's identity into `x-relay-identity`, stripping any
-copy a client sends (SECURITY.md); the relay trusts that header and nothing else. A caller who
-may not read a session gets the same 404 as for an unknown id, so ids cannot be probed. Share
-tokens are `<token id>.<secret>`: the store keeps only the secret's SHA-256 and compares it in
-constant time.
+Envoy authenticates the caller and passes on what it verified, stripping any copy a client
+sends (SECURITY.md); `extproc/identity.py` turns that into the owner key compared here. A caller
+who may not read a session gets the same 404 as for an unknown id, so ids cannot be probed.
+Share tokens are `<token id>.<secret>`: the store keeps only the secret's SHA-256 and compares
+it in constant time.
 """
 
 from __future__ import annotations
@@ -18,10 +18,8 @@ from dataclasses import dataclass
 
 from extproc.errors import ConfigError, LimitExceeded, MalformedEventId
 
-IDENTITY_HEADER = "x-relay-identity"
 SHARE_HEADER = "x-relay-share"
 SHARE_QUERY = "share"  # for EventSource, which cannot set headers
-MAX_IDENTITY_CHARS = 256
 MAX_TOKEN_CHARS = 128
 DEFAULT_SHARE_TTL_S = 3600.0
 MAX_SHARE_TTL_S = 7 * 86400.0
@@ -51,7 +49,7 @@ class ShareRecord:
 class Access:
     """What a request presents: Envoy's identity for it, and a share token if any."""
 
-    identity: str = ""
+    identity: str = ""  # the caller's owner key (extproc/identity.py); "" when auth is off
     share_token: str = ""
     owner_only: bool = False  # cancel and minting shares: the owner, never a token
     unchecked: bool = False  # the relay's own lookups, never a client's
@@ -60,7 +58,7 @@ class Access:
     def of(cls, identity: str | None, share_token: str | None = None) -> Access:
         if share_token and len(share_token) > MAX_TOKEN_CHARS:
             raise MalformedEventId(f"share tokens are at most {MAX_TOKEN_CHARS} characters")
-        return cls((identity or "")[:MAX_IDENTITY_CHARS], share_token or "")
+        return cls(identity or "", share_token or "")
 
     def for_owner(self) -> Access:
         return Access(self.identity, "", owner_only=True)

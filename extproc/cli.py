@@ -30,6 +30,7 @@ from extproc.detached import (
 )
 from extproc.envoy_config import WRITE_PATHS, EnvoyPorts, Upstream, render
 from extproc.envoy_security import (
+    DEFAULT_JWT_MAX_LIFETIME_S,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_REQUEST_HEADERS_KB,
     DEFAULT_REQUEST_HEADERS_TIMEOUT_S,
@@ -225,6 +226,14 @@ def _add_security_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--jwt-issuer", default="", help="required JWT iss (with --jwks)")
     group.add_argument("--jwt-audience", default="", help="required JWT aud (with --jwks)")
     group.add_argument(
+        "--jwt-max-lifetime",
+        type=_positive(int),
+        default=DEFAULT_JWT_MAX_LIFETIME_S,
+        metavar="SECONDS",
+        help="refuse JWTs valid for longer than this from now; `exp` is always required "
+        f"(default {DEFAULT_JWT_MAX_LIFETIME_S})",
+    )
+    group.add_argument(
         "--upstream-key-file",
         type=Path,
         metavar="FILE",
@@ -268,7 +277,7 @@ def _security(args: argparse.Namespace) -> EnvoySecurity:
     return EnvoySecurity(
         api_keys=parse_api_keys(args.api_keys) if args.api_keys is not None else (),
         jwt=(
-            JwtSettings.load(args.jwks, args.jwt_issuer, args.jwt_audience)
+            JwtSettings.load(args.jwks, args.jwt_issuer, args.jwt_audience, args.jwt_max_lifetime)
             if args.jwks is not None
             else None
         ),
@@ -420,21 +429,27 @@ def _up(args: argparse.Namespace) -> int:
         f"  demo page      {stack.base_url}/relay/v1/demo/\n"
         f"  upstream       {stack.upstream_url}{'  (demo)' if args.demo else ''}\n"
         f"  logs           {stack.workdir}\n"
-        f"{_auth_line(security)}\n"
+        f"{auth_line(security)}\n"
         f"Ctrl-C stops everything.",
         flush=True,
     )
     return run_until_signalled(stack, print_fn=lambda line: print(line, flush=True))
 
 
-def _auth_line(security: EnvoySecurity) -> str:
+def auth_line(security: EnvoySecurity) -> str:
     if not security.authenticated:
         return (
             "  authentication OFF: anyone who can reach the port can read any session "
             "(see --api-keys, --jwks)"
         )
     kinds = [k for k, on in (("API keys", security.api_keys), ("JWT", security.jwt)) if on]
-    return f"  authentication {' or '.join(kinds)}; identity in x-relay-identity"
+    line = f"  authentication {' or '.join(kinds)}; sessions belong to who created them"
+    if security.jwt is not None and security.jwt.unscoped:
+        line += (
+            "\n  WARNING: JWTs are accepted from ANY issuer for ANY audience that the JWKS "
+            "signs: set --jwt-issuer and --jwt-audience"
+        )
+    return line
 
 
 CONFIG_COMMANDS = ("up", "serve")

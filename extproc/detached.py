@@ -19,9 +19,10 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from extproc.access import IDENTITY_HEADER, MAX_IDENTITY_CHARS, AccessLimits
+from extproc.access import AccessLimits
 from extproc.errors import ConfigError, LimitExceeded, StoreUnavailable, UpstreamUnreachable
 from extproc.framing import framer_for
+from extproc.identity import IDENTITY_HEADER, JWT_PAYLOAD_HEADER, owner_key
 from extproc.log import Cursor, EndState, SessionLog, WritePath
 from extproc.store import SessionStore
 from extproc.writer import SessionWriter
@@ -59,8 +60,8 @@ class DetachSettings:
 
 
 def owner_of(request: web.Request) -> str:
-    """The identity Envoy authenticated for this request ("" when auth is off)."""
-    return request.headers.get(IDENTITY_HEADER, "")[:MAX_IDENTITY_CHARS]
+    """The owner key of the caller Envoy authenticated ("" when auth is off)."""
+    return owner_key(request.headers.get(IDENTITY_HEADER), request.headers.get(JWT_PAYLOAD_HEADER))
 
 
 class Generation:
@@ -240,11 +241,10 @@ class Generations:
             )
         return self._http
 
-    async def open(self, request: web.Request, path: str) -> aiohttp.ClientResponse:
+    async def open(self, request: web.Request, path: str, *, owner: str) -> aiohttp.ClientResponse:
         """Send the client's request upstream through Envoy's egress; return its response."""
         if not self.settings.egress_url:
             raise UpstreamUnreachable("the detached path is not configured (no --egress-url)")
-        owner = owner_of(request)
         limit = self.access.max_sessions_per_identity
         if owner and self._store.open_sessions(owner) >= limit:
             raise LimitExceeded(f"{limit} open sessions for this identity (limit)")

@@ -13,11 +13,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from extproc.access import IDENTITY_HEADER  # one name for what Envoy sets and the relay reads
 from extproc.errors import ConfigError
 
-# jwt_authn writes the `sub` claim here; a header_mutation filter turns it into the identity.
-JWT_SUB_HEADER = "x-relay-jwt-sub"
+# One name for what Envoy sets and the relay reads: an API key's client name, and a verified
+# JWT's payload exactly as signed (base64url), from which the relay derives the owner key.
+from extproc.identity import IDENTITY_HEADER, JWT_PAYLOAD_HEADER
+
 API_KEY_HEADER = "x-api-key"
 T = "type.googleapis.com/envoy."  # the type URL prefix of every Envoy extension config
 DEFAULT_MAX_CONNECTIONS = 10_000
@@ -76,14 +77,33 @@ def parse_api_keys(path: Path) -> tuple[ApiKey, ...]:
     return tuple(keys)
 
 
+DEFAULT_JWT_MAX_LIFETIME_S = 86400  # a token may be valid for at most this long from now
+
+
 @dataclass(frozen=True, kw_only=True)
 class JwtSettings:
     jwks_file: Path
     issuer: str = ""
     audiences: tuple[str, ...] = ()
+    max_lifetime_s: int = DEFAULT_JWT_MAX_LIFETIME_S  # `exp` is always required
+
+    def __post_init__(self) -> None:
+        if self.max_lifetime_s < 1:
+            raise ConfigError(f"--jwt-max-lifetime must be >= 1 s, got {self.max_lifetime_s}")
+
+    @property
+    def unscoped(self) -> bool:
+        """No issuer or no audience is checked: any token the JWKS signs is accepted."""
+        return not self.issuer or not self.audiences
 
     @classmethod
-    def load(cls, jwks_file: Path, issuer: str = "", audience: str = "") -> JwtSettings:
+    def load(
+        cls,
+        jwks_file: Path,
+        issuer: str = "",
+        audience: str = "",
+        max_lifetime_s: int = DEFAULT_JWT_MAX_LIFETIME_S,
+    ) -> JwtSettings:
         try:
             jwks = json.loads(jwks_file.read_text())
         except (OSError, UnicodeDecodeError) as exc:
@@ -96,6 +116,7 @@ class JwtSettings:
             jwks_file=jwks_file.resolve(),
             issuer=issuer,
             audiences=(audience,) if audience else (),
+            max_lifetime_s=max_lifetime_s,
         )
 
 
@@ -169,7 +190,7 @@ class EnvoySecurity:
                 f"\n          max_request_headers_kb: {self.max_request_headers_kb}"
                 f"\n          request_headers_timeout: {self.request_headers_timeout_s:.3f}s"
             ),
-            "INTERNAL_ONLY_EXTRA": f", {IDENTITY_HEADER}, {JWT_SUB_HEADER}",
+            "INTERNAL_ONLY_EXTRA": f", {IDENTITY_HEADER}, {JWT_PAYLOAD_HEADER}",
             "AUTH_FILTERS": self._auth_filters(),
             "AUTH_OPEN_ROUTES": self._open_routes(),
             "LIMIT_ROUTES": self._limit_routes(),
@@ -200,7 +221,7 @@ overload_manager:
       secret: {{ filename: {_q(self.upstream_credential_file)} }}"""
 
     def _auth_filters(self) -> str:
-        """jwt_authn, then api_key_auth, then the JWT identity: all before ext_proc."""
+        """jwt_authn, then api_key_auth: both before ext_proc."""
         filters = ""
         both = bool(self.api_keys) and self.jwt is not None
         if self.jwt is not None:
@@ -228,7 +249,11 @@ overload_manager:
                   from_headers: [{{ name: authorization, value_prefix: "Bearer " }}]
                   forward: false  # the token is removed before any upstream sees it
                   subjects: {{ safe_regex: {{ regex: ".+" }} }}  # no sub, no identity: refused
-                  claim_to_headers: [{{ header_name: {JWT_SUB_HEADER}, claim_name: sub }}]
+                  require_expiration: true  # a token without `exp` is refused
+                  max_lifetime: {jwt.max_lifetime_s}s  # nor one valid longer than this from now
+                  # The verified payload as signed (base64url): the relay derives the owner
+                  # key from its exact `iss` and `sub`, which no header can fold.
+                  forward_payload_header: {JWT_PAYLOAD_HEADER}
               rules:
               - match: {{ prefix: / }}
                 requires: {requires}"""
@@ -265,7 +290,7 @@ overload_manager:
                           name: jwt_subject
                           typed_config:
                             "@type": {T}type.matcher.v3.HttpRequestHeaderMatchInput
-                            header_name: {JWT_SUB_HEADER}
+                            header_name: {JWT_PAYLOAD_HEADER}
                         value_match: {{ safe_regex: {{ google_re2: {{}}, regex: ".+" }} }}
                     on_match:
                       action:
@@ -277,18 +302,6 @@ overload_manager:
           - name: envoy.filters.http.api_key_auth
             typed_config:
               {api_key_auth}"""
-        if self.jwt is not None:
-            filters += f"""
-          - name: envoy.filters.http.header_mutation
-            typed_config:
-              "@type": {T}extensions.filters.http.header_mutation.v3.HeaderMutation
-              mutations:
-                request_mutations:
-                # A verified JWT's subject becomes jwt:<sub>; an API key identity is kept.
-                - append:
-                    header: {{ key: {IDENTITY_HEADER}, value: "jwt:%REQ({JWT_SUB_HEADER})%" }}
-                    append_action: ADD_IF_ABSENT
-                - remove: {JWT_SUB_HEADER}"""
         return filters
 
     def _open_routes(self) -> str:
@@ -368,11 +381,8 @@ overload_manager:
                 "@type": {T}extensions.http.injected_credentials.generic.v3.Generic
                 credential: {{ name: llm_credential }}
                 header: Authorization"""
-        removed = ", ".join(
-            f"{{ remove: {name} }}"
-            for name in (IDENTITY_HEADER, API_KEY_HEADER if self.api_keys else "")
-            if name
-        )
+        names = [IDENTITY_HEADER, JWT_PAYLOAD_HEADER] + ([API_KEY_HEADER] if self.api_keys else [])
+        removed = ", ".join(f"{{ remove: {name} }}" for name in names)
         return f"""
     typed_extension_protocol_options:
       envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
@@ -383,8 +393,8 @@ overload_manager:
           typed_config:
             "@type": {T}extensions.filters.http.header_mutation.v3.HeaderMutation
             mutations:
-              # The caller's identity (and, with --api-keys, a leftover x-api-key) is for the
-              # relay; the LLM gets neither.
+              # The caller's identity and JWT payload (and, with --api-keys, a leftover
+              # x-api-key) are for the relay; the LLM gets none of them.
               request_mutations: [{removed}]{inject}
         - name: envoy.filters.http.upstream_codec
           typed_config:

@@ -2,7 +2,8 @@
 
     RelayError
     ├── MalformedEventId        400  INVALID_ARGUMENT   a Last-Event-ID / ?after= we never issued
-    ├── SessionNotFound         404  NOT_FOUND          unknown id (or, later, not yours)
+    ├── Unauthenticated         401  UNAUTHENTICATED    Envoy's identity cannot be read losslessly
+    ├── SessionNotFound         404  NOT_FOUND          unknown id, or one the caller may not read
     ├── SessionGone             410  NOT_FOUND          existed, but expired or evicted
     ├── SessionConflict         409  FAILED_PRECONDITION not possible in the session's state
     ├── LimitExceeded           429  RESOURCE_EXHAUSTED a documented limit was hit
@@ -41,6 +42,12 @@ class MalformedEventId(RelayError):
     http_status = 400
     grpc_code = grpc.StatusCode.INVALID_ARGUMENT
     code = "malformed_event_id"
+
+
+class Unauthenticated(RelayError):
+    http_status = 401
+    grpc_code = grpc.StatusCode.UNAUTHENTICATED
+    code = "invalid_identity"
 
 
 class SessionNotFound(RelayError):

@@ -24,13 +24,10 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
 )
 from envoy.type.v3.http_status_pb2 import HttpStatus
 
-from extproc.access import (
-    DEFAULT_MAX_SESSIONS_PER_IDENTITY,
-    IDENTITY_HEADER,
-    MAX_IDENTITY_CHARS,
-)
-from extproc.errors import LimitExceeded
+from extproc.access import DEFAULT_MAX_SESSIONS_PER_IDENTITY
+from extproc.errors import LimitExceeded, RelayError
 from extproc.framing import framer_for
+from extproc.identity import IDENTITY_HEADER, JWT_PAYLOAD_HEADER, owner_key
 from extproc.log import EndState, SessionLog, WritePath
 from extproc.store import SessionStore
 from extproc.writer import SessionWriter
@@ -94,7 +91,7 @@ def _body(data: bytes) -> ProcessingResponse:
     return response
 
 
-def _refuse(error: LimitExceeded) -> ProcessingResponse:
+def _refuse(error: RelayError) -> ProcessingResponse:
     """Answer the client from Envoy without calling the LLM (the one mapping of this front)."""
     return ProcessingResponse(
         immediate_response=ImmediateResponse(
@@ -165,7 +162,11 @@ class StreamProcessor:
         elif self.detach and header_value(headers, ":method") == "POST":
             target = ROUTE_DETACHED
         else:
-            self._owner = (header_value(headers, IDENTITY_HEADER) or "")[:MAX_IDENTITY_CHARS]
+            try:
+                identity = header_value(headers, IDENTITY_HEADER)
+                self._owner = owner_key(identity, header_value(headers, JWT_PAYLOAD_HEADER))
+            except RelayError as error:
+                return _refuse(error)
             if self._owner and self._store.open_sessions(self._owner) >= self._max_sessions:
                 return _refuse(
                     LimitExceeded(f"{self._max_sessions} open sessions for this identity (limit)")

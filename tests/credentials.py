@@ -59,12 +59,12 @@ def _b64url_int(value: int) -> str:
     return _b64url(value.to_bytes((value.bit_length() + 7) // 8, "big"))
 
 
-Signer = Callable[[dict[str, object]], str]
+Signer = Callable[[dict[str, object] | bytes], str]
 
 
 def jwks_and_signer(directory: Path, *, kid: str = "test-key") -> tuple[Path, Signer]:
     """A JWKS file with one RSA public key, and a function that signs claims into an RS256 JWT
-    (`exp` one hour ahead unless given)."""
+    (`exp` one hour ahead unless given; None leaves it out), or signs raw payload bytes."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     numbers = key.public_key().public_numbers()
     jwk = {"kty": "RSA", "alg": "RS256", "use": "sig", "kid": kid}
@@ -72,9 +72,14 @@ def jwks_and_signer(directory: Path, *, kid: str = "test-key") -> tuple[Path, Si
     path = directory / "jwks.json"
     path.write_text(json.dumps({"keys": [jwk]}))
 
-    def sign(claims: dict[str, object]) -> str:
+    def sign(claims: dict[str, object] | bytes) -> str:
         header = _b64url(json.dumps({"alg": "RS256", "typ": "JWT", "kid": kid}).encode())
-        body = _b64url(json.dumps({"exp": int(time.time()) + 3600, **claims}).encode())
+        if isinstance(claims, dict):
+            claims = {"exp": int(time.time()) + 3600, **claims}
+            payload = json.dumps({k: v for k, v in claims.items() if v is not None}).encode()
+        else:
+            payload = claims
+        body = _b64url(payload)
         signing_input = f"{header}.{body}".encode()
         signature = key.sign(signing_input, padding.PKCS1v15(), hashes.SHA256())
         return f"{header}.{body}.{_b64url(signature)}"

@@ -5,6 +5,7 @@ write paths and on two nodes sharing Redis. Strangers get the 404 of an unknown 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import httpx
 import pytest
 from conftest import make_stack
 from test_e2e import events_of
-from test_security import ALICE_KEY, BOB_KEY, CHAT, Creds, bearer
+from test_security import ALICE_KEY, AUDIENCE, BOB_KEY, CHAT, ISSUER, Creds, bearer
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import InvalidStatus
 
@@ -187,3 +188,71 @@ def test_open_sessions_per_identity_are_limited(tmp_path: Path, creds: Creds) ->
                 assert other.status_code == 200  # a quota per identity, not for everyone
         finally:
             stack.stop()
+
+
+# Subjects the old owner key (cut to 256 characters, passed through a header that trims
+# whitespace and re-encodes non-ASCII) folded into one owner.
+COLLIDING_SUBJECTS = [
+    ("u" * 252 + "-victim", "u" * 252 + "-attacker"),
+    ("victim", "victim "),
+    ("victim", "victim\t"),
+    ("josé", "josÃ©"),
+]
+
+
+@pytest.mark.parametrize(("victim", "attacker"), COLLIDING_SUBJECTS)
+async def test_subjects_that_once_collided_are_strangers_everywhere(
+    owned: Stack, creds: Creds, victim: str, attacker: str
+) -> None:
+    mine, theirs = bearer(creds.jwt(victim)), bearer(creds.jwt(attacker))
+    session, body = await asyncio.to_thread(generate, owned, mine)
+    assert (await asyncio.to_thread(resume, owned, session, theirs)).status_code == 404
+    assert (await asyncio.to_thread(reads, owned, session, theirs)).status_code == 404
+    async with httpx.AsyncClient(base_url=owned.base_url, timeout=30) as client:
+        for method, path in (
+            ("GET", ""),
+            ("DELETE", ""),
+            ("POST", "/share"),
+        ):
+            answer = await client.request(
+                method, f"/relay/v1/sessions/{session}{path}", headers=theirs
+            )
+            assert answer.status_code == 404, (method, path, answer.text)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await grpc_read(owned, session, tuple(theirs.items()))
+    assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+    ws_url = owned.base_url.replace("http", "ws", 1) + f"/relay/v1/sessions/{session}/ws"
+    with pytest.raises(InvalidStatus) as rejected:
+        async with ws_connect(ws_url, additional_headers=theirs):
+            pass
+    assert rejected.value.response.status_code == 404
+    # The owner still reads it all.
+    assert await grpc_read(owned, session, tuple(mine.items())) == len(events_of(body)) + 1
+
+
+def test_unreadable_or_unbounded_identities_get_401_not_a_folded_owner(
+    owned: Stack, creds: Creds
+) -> None:
+    def raw(sub: bytes) -> str:  # a signed payload with exactly these `sub` bytes
+        exp = int(time.time()) + 600
+        claims = f'"iss": "{ISSUER}", "aud": "{AUDIENCE}", "exp": {exp}'.encode()
+        return creds.sign(b"{" + claims + b", " + sub + b"}")
+
+    # Envoy's JWT parser refuses some itself; the relay refuses the same (tests/test_identity.py)
+    # in case an Envoy does not.
+    refused = {
+        "oversize sub": (creds.jwt("x" * 1025), "invalid_identity"),  # never cut to fit
+        "lone surrogate": (raw(b'"sub": "\\ud800"'), None),
+        "two subs": (raw(b'"sub": "victim", "sub": "attacker"'), None),
+        "not UTF-8": (raw(b'"sub": "jos\xe9"'), None),
+        "no exp": (creds.jwt("no-exp", exp=None), None),  # Envoy: require_expiration
+        "valid too long": (creds.jwt("long", exp=int(time.time()) + 2 * 86400), None),
+    }
+    for case, (token, code) in refused.items():
+        for method, path in (("POST", "/v1/chat/completions"), ("GET", "/relay/v1/sessions/x")):
+            answer = httpx.request(
+                method, owned.base_url + path, json=CHAT, headers=bearer(token), timeout=30
+            )
+            assert answer.status_code == 401, (case, path, answer.text)
+            if code is not None:
+                assert answer.json()["error"]["code"] == code, (case, path)

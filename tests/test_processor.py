@@ -26,6 +26,7 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from extproc.identity import owner_key
 from extproc.log import EVENT_OVERHEAD_BYTES, LOG_OVERHEAD_BYTES, EndState, SessionLog
 from extproc.processor import StreamProcessor
 from extproc.store import MemoryStore, StoreLimits
@@ -520,7 +521,8 @@ def test_inline_sessions_belong_to_envoys_identity_and_a_full_quota_gets_429() -
         reply = on_wire(processor.handle(request_headers({"x-relay-identity": "key:alice"})))
         assert reply.WhichOneof("response") == "request_headers"
         processor.handle(response_headers(200, "text/event-stream"))
-        assert processor.session is not None and processor.session.owner == "key:alice"
+        assert processor.session is not None
+        assert processor.session.owner == owner_key("key:alice", None)
         owned.append(processor)
 
     third = StreamProcessor(store, max_frame_bytes=1 << 20, max_sessions_per_identity=2)
@@ -529,6 +531,11 @@ def test_inline_sessions_belong_to_envoys_identity_and_a_full_quota_gets_429() -
     assert refused.immediate_response.status.code == 429
     assert json.loads(refused.immediate_response.body)["error"]["code"] == "limit_exceeded"
     assert third.session is None
+
+    folded = StreamProcessor(store, max_frame_bytes=1 << 20, max_sessions_per_identity=2)
+    refused = on_wire(folded.handle(request_headers({"x-relay-identity": "key:alice "})))
+    assert refused.immediate_response.status.code == 401  # never read as key:alice
+    assert json.loads(refused.immediate_response.body)["error"]["code"] == "invalid_identity"
 
     other = StreamProcessor(store, max_frame_bytes=1 << 20, max_sessions_per_identity=2)
     reply = on_wire(other.handle(request_headers({"x-relay-identity": "key:bob"})))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,15 +21,16 @@ from conftest import make_stack
 from credentials import jwks_and_signer, self_signed_cert
 from test_cli import banner_url, read_banner
 
+from extproc.cli import auth_line
 from extproc.envoy_config import EnvoyPorts, Upstream, render
 from extproc.envoy_security import (
-    IDENTITY_HEADER,
     EnvoySecurity,
     JwtSettings,
     TlsFiles,
     parse_api_keys,
 )
 from extproc.errors import ConfigError
+from extproc.identity import IDENTITY_HEADER, JWT_PAYLOAD_HEADER
 from extproc.proto.relay.v1 import relay_pb2_grpc
 from extproc.proto.relay.v1.relay_pb2 import SubscribeRequest
 from extproc.supervisor import (
@@ -156,7 +158,6 @@ def test_auth_runs_before_ext_proc_on_every_route_but_the_demo_page(creds: Creds
     ext_proc = names.index("envoy.filters.http.ext_proc")
     assert names.index("envoy.filters.http.jwt_authn") < ext_proc
     assert names.index("envoy.filters.http.api_key_auth") < ext_proc
-    assert names.index("envoy.filters.http.header_mutation") < ext_proc  # jwt:<sub>
     assert names[-1] == "envoy.filters.http.router"
     routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
     for route in routes:
@@ -167,7 +168,7 @@ def test_auth_runs_before_ext_proc_on_every_route_but_the_demo_page(creds: Creds
             assert route["match"] == {"prefix": "/relay/v1/demo/"}
             assert len(auth_off) == 2
     internal = hcm["route_config"]["internal_only_headers"]
-    assert {"x-relay-target", IDENTITY_HEADER, "x-relay-jwt-sub"} <= set(internal)
+    assert {"x-relay-target", IDENTITY_HEADER, JWT_PAYLOAD_HEADER} <= set(internal)
 
 
 def test_the_body_limit_route_covers_exactly_the_generation_paths() -> None:
@@ -271,7 +272,7 @@ def test_generation_needs_an_api_key_or_a_jwt(secured: Stack, creds: Creds) -> N
         "other issuer": bearer(creds.sign({"sub": "x", "iss": "evil", "aud": AUDIENCE})),
         "other audience": bearer(creds.sign({"sub": "x", "iss": ISSUER, "aud": "other"})),
         "no subject": bearer(creds.sign({"iss": ISSUER, "aud": AUDIENCE})),
-        "spoofed identity only": {IDENTITY_HEADER: "key:alice", "x-relay-jwt-sub": "alice"},
+        "spoofed identity only": {IDENTITY_HEADER: "key:alice", JWT_PAYLOAD_HEADER: "e30"},
         # api_key_auth reads Authorization first: a failed JWT there shadows x-api-key.
         "failed jwt with a key": bearer(creds.jwt(exp=1_000_000)) | {"x-api-key": BOB_KEY},
     }
@@ -332,7 +333,7 @@ async def test_grpc_subscribe_is_behind_authentication(secured: Stack) -> None:
 def test_llm_gets_the_injected_key_and_never_the_callers_credentials(
     secured: Stack, creds: Creds
 ) -> None:
-    spoof = {IDENTITY_HEADER: "key:admin", "x-relay-jwt-sub": "admin"}
+    spoof = {IDENTITY_HEADER: "key:admin", JWT_PAYLOAD_HEADER: "e30"}
     for headers in (
         bearer(ALICE_KEY) | spoof,
         {"x-api-key": BOB_KEY} | spoof,
@@ -342,7 +343,7 @@ def test_llm_gets_the_injected_key_and_never_the_callers_credentials(
         assert response.status_code == 200, response.text
         seen = response.json()["headers"]
         assert seen["authorization"] == ["<redacted: the required key>"]
-        for gone in (IDENTITY_HEADER, "x-relay-jwt-sub", "x-api-key"):
+        for gone in (IDENTITY_HEADER, JWT_PAYLOAD_HEADER, "x-api-key"):
             assert gone not in seen, (gone, seen)
     # Without Envoy's injection the demo upstream refuses: the key really is required.
     direct = httpx.get(f"{secured.upstream_url}/demo/echo-headers", timeout=30)
@@ -398,13 +399,15 @@ class Recorder:
     """Stands in for the relay's HTTP front: records what Envoy sends it."""
 
     def __init__(self) -> None:
-        self.requests: list[tuple[str, list[str]]] = []
+        self.requests: list[tuple[str, list[str], list[str]]] = []
 
     async def handle(self, request: web.Request) -> web.Response:
         await request.read()
         if request.path == "/healthz":  # Envoy's active health check of relay_http
             return web.Response(text="ok")
-        self.requests.append((request.path, request.headers.getall(IDENTITY_HEADER, [])))
+        identities = request.headers.getall(IDENTITY_HEADER, [])
+        payloads = request.headers.getall(JWT_PAYLOAD_HEADER, [])
+        self.requests.append((request.path, identities, payloads))
         return web.Response(text="recorded")
 
 
@@ -472,20 +475,23 @@ async def test_identity_reaches_the_relay_front_as_envoy_set_it(
 ) -> None:
     stack, recorder = recorded
     # Claiming to be an internal request does not keep a client's copy either.
+    admin_jwt = creds.jwt("admin").split(".")[1]  # a verified payload, replayed as a header
     spoof = {
         IDENTITY_HEADER: "key:admin",
-        "x-relay-jwt-sub": "admin",
+        JWT_PAYLOAD_HEADER: admin_jwt,
         "x-forwarded-for": "127.0.0.1",
         "x-envoy-internal": "true",
     }
+    carol = creds.jwt("carol")
     cases = [
-        # (request, what the relay front must receive)
-        (("GET", "/relay/v1/sessions/s/events", bearer(ALICE_KEY)), "key:alice"),
-        (("GET", "/relay/v1/sessions/s", {"x-api-key": BOB_KEY}), "key:bob"),
-        (("POST", "/v1/chat/completions", bearer(creds.jwt("carol"))), "jwt:carol"),  # detached
+        # (request, the identity header and the JWT payload the relay front must receive)
+        (("GET", "/relay/v1/sessions/s/events", bearer(ALICE_KEY)), (["key:alice"], [])),
+        (("GET", "/relay/v1/sessions/s", {"x-api-key": BOB_KEY}), (["key:bob"], [])),
+        # detached: the payload exactly as signed, so the owner key comes from its exact bytes
+        (("POST", "/v1/chat/completions", bearer(carol)), ([], [carol.split(".")[1]])),
         (
             ("POST", "/v1/chat/completions", bearer(ALICE_KEY) | {"last-event-id": "s:1"}),
-            "key:alice",
+            (["key:alice"], []),
         ),
     ]
     relay_paths: set[str] = set()
@@ -496,8 +502,8 @@ async def test_identity_reaches_the_relay_front_as_envoy_set_it(
                 response = await client.request(method, path, json=CHAT, headers=headers | extra)
                 assert response.text == "recorded", (path, response.status_code, response.text)
                 assert len(recorder.requests) == 1
-                relay_path, identities = recorder.requests[0]
-                assert identities == [identity], (path, extra, relay_path)
+                relay_path, identities, payloads = recorder.requests[0]
+                assert (identities, payloads) == identity, (path, extra, relay_path)
                 relay_paths.add(relay_path)
         # The generation was re-routed by the real processor, the resume too.
         assert {"/_relay/detach/v1/chat/completions", "/_relay/resume/v1/chat/completions"} <= (
@@ -576,6 +582,15 @@ def test_api_keys_file_accepts_comments_and_blank_lines(creds: Creds) -> None:
     assert [(k.client, k.key) for k in keys] == [("alice", ALICE_KEY), ("bob", BOB_KEY)]
 
 
+def test_jwt_without_issuer_or_audience_is_announced_loudly(creds: Creds) -> None:
+    scoped = EnvoySecurity(jwt=JwtSettings.load(creds.jwks, ISSUER, AUDIENCE))
+    assert "WARNING" not in auth_line(scoped)
+    for issuer, audience in ((ISSUER, ""), ("", AUDIENCE), ("", "")):
+        unscoped = EnvoySecurity(jwt=JwtSettings.load(creds.jwks, issuer, audience))
+        assert "WARNING: JWTs are accepted from ANY issuer for ANY audience" in auth_line(unscoped)
+    assert "authentication OFF" in auth_line(EnvoySecurity())
+
+
 def test_up_wires_every_security_flag(creds: Creds, tmp_path: Path) -> None:
     cert, key, context = self_signed_cert(tmp_path)
     process = subprocess.Popen(
@@ -583,7 +598,7 @@ def test_up_wires_every_security_flag(creds: Creds, tmp_path: Path) -> None:
             *CLI,
             *("up", "--demo", "--port", "0", "--admin-port", "0"),
             *("--api-keys", str(creds.keys), "--jwks", str(creds.jwks)),
-            *("--jwt-issuer", ISSUER, "--jwt-audience", AUDIENCE),
+            *("--jwt-issuer", ISSUER, "--jwt-audience", AUDIENCE, "--jwt-max-lifetime", "600"),
             *("--upstream-key-file", str(creds.llm_key), "--tls", str(cert), str(key)),
             *("--max-request-bytes", "4096"),
         ],
@@ -593,15 +608,21 @@ def test_up_wires_every_security_flag(creds: Creds, tmp_path: Path) -> None:
     )
     try:
         text = read_banner(process)
-        assert "authentication API keys or JWT; identity in x-relay-identity" in text, text
+        assert "authentication API keys or JWT; sessions belong to who created them" in text
+        assert "WARNING" not in text, text
         base = banner_url(text, "base URL")
         assert base.startswith("https://")
         with httpx.Client(base_url=base, verify=context, timeout=30) as client:
             assert client.post("/v1/chat/completions", json=CHAT).status_code == 401
-            for headers in (bearer(ALICE_KEY), bearer(creds.jwt())):
+            short_lived = bearer(creds.jwt(exp=int(time.time()) + 300))
+            for headers in (bearer(ALICE_KEY), short_lived):
                 response = client.post("/v1/chat/completions", json=CHAT, headers=headers)
                 assert response.status_code == 200, response.text  # the LLM key was injected
                 assert response.content.startswith(b"id: ")
+            # --jwt-max-lifetime 600: a token valid for an hour is refused
+            long_lived = bearer(creds.jwt(exp=int(time.time()) + 3600))
+            response = client.post("/v1/chat/completions", json=CHAT, headers=long_lived)
+            assert response.status_code == 401
             padded = CHAT | {"padding": "p" * 4096}
             response = client.post("/v1/chat/completions", json=padded, headers=bearer(BOB_KEY))
             assert response.status_code == 413

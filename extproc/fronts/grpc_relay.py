@@ -12,10 +12,11 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from extproc.access import IDENTITY_HEADER, SHARE_HEADER, Access
+from extproc.access import SHARE_HEADER, Access
 from extproc.detached import Generations
 from extproc.errors import MalformedEventId, RelayError
 from extproc.fronts.cursors import event_fields, open_cursor, resume_cursor
+from extproc.identity import IDENTITY_HEADER, JWT_PAYLOAD_HEADER, owner_key
 from extproc.ids import EventId, format_event_id, is_session_id
 from extproc.log import Cursor, SessionLog
 from extproc.proto.relay.v1 import relay_pb2, relay_pb2_grpc
@@ -46,12 +47,13 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
     @staticmethod
     def _access(context: _Context) -> Access:
         # Envoy's identity and a share token arrive as metadata (gRPC's headers).
-        metadata = {key: value for key, value in context.invocation_metadata() or ()}
-        identity, token = metadata.get(IDENTITY_HEADER), metadata.get(SHARE_HEADER)
-        return Access.of(
-            identity if isinstance(identity, str) else None,
-            token if isinstance(token, str) else None,
-        )
+        metadata = {
+            key: value
+            for key, value in context.invocation_metadata() or ()
+            if isinstance(value, str)
+        }
+        owner = owner_key(metadata.get(IDENTITY_HEADER), metadata.get(JWT_PAYLOAD_HEADER))
+        return Access.of(owner, metadata.get(SHARE_HEADER))
 
     async def _cursor(self, request: SubscribeRequest, access: Access) -> Cursor:
         if request.after:  # `session` may be left empty: the id names it

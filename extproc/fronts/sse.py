@@ -19,14 +19,7 @@ import json
 import aiohttp
 from aiohttp import web
 
-from extproc.access import (
-    DEFAULT_SHARE_TTL_S,
-    IDENTITY_HEADER,
-    SHARE_HEADER,
-    SHARE_QUERY,
-    Access,
-    mint_share,
-)
+from extproc.access import DEFAULT_SHARE_TTL_S, SHARE_HEADER, SHARE_QUERY, Access, mint_share
 from extproc.detached import HOP_BY_HOP, Generations, owner_of
 from extproc.errors import (
     MalformedEventId,
@@ -59,7 +52,7 @@ def error_response(error: RelayError) -> web.Response:
 def access_of(request: web.Request) -> Access:
     """Envoy's identity for this request, and a share token if one is presented."""
     token = request.headers.get(SHARE_HEADER) or request.query.get(SHARE_QUERY)
-    return Access.of(request.headers.get(IDENTITY_HEADER), token)
+    return Access.of(owner_of(request), token)
 
 
 def session_from_path(request: web.Request) -> str:
@@ -134,10 +127,11 @@ async def detach(request: web.Request) -> web.StreamResponse:
     """A generation request on a detached route: call upstream, log it, serve it as a reader."""
     generations = request.app[GENERATIONS_KEY]
     try:
-        upstream = await generations.open(request, request.match_info["tail"])
+        owner = owner_of(request)
+        upstream = await generations.open(request, request.match_info["tail"], owner=owner)
     except RelayError as error:
         return error_response(error)
-    session = generations.start(upstream, owner=owner_of(request))
+    session = generations.start(upstream, owner=owner)
     if session is None:
         return await _pass_through(request, upstream)
     try:
