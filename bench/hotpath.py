@@ -27,8 +27,7 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
     ProcessingRequest,
     ProcessingResponse,
 )
-
-from extproc.bench import procstat
+from stream_relay_bench import procstat
 
 EVENT = (
     b'data: {"id":"chatcmpl-0123456789abcdef01234567","object":"chat.completion.chunk",'
@@ -79,9 +78,9 @@ def main() -> int:
         return 0
     ports = Path(f"/tmp/hotpath-{os.getpid()}.ports")
     if args.servicer == "relay":
-        argv = ["-m", "extproc.cli", "serve", "--grpc-port", "0", "--http-port", "0"]
+        argv = ["-m", "extproc.ops.cli", "serve", "--grpc-port", "0", "--http-port", "0"]
     else:
-        argv = ["-m", "extproc.bench.noop_extproc"]
+        argv = ["-m", "stream_relay_bench.noop_extproc"]
     server = subprocess.Popen([sys.executable, *argv, "--ports-file", str(ports)])
     try:
         while not ports.is_file():

@@ -12,10 +12,11 @@ import os
 import tempfile
 from pathlib import Path
 
-from extproc.bench import peers
-from extproc.bench.runner import Load, measure
-from extproc.bench.scenarios import running
-from extproc.supervisor import Stack
+from stream_relay_bench import peers
+from stream_relay_bench.runner import Load, measure
+from stream_relay_bench.scenarios import running
+
+from extproc.ops.supervisor import Stack
 
 
 def main() -> None:

@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 with atheris.instrument_imports():
     from extproc.errors import MalformedEventId
-    from extproc.framing import Frame, FrameTooLarge, NdjsonFramer, SseFramer
-    from extproc.ids import format_event_id, parse_event_id
+    from extproc.session.framing import Frame, FrameTooLarge, NdjsonFramer, SseFramer
+    from extproc.session.ids import format_event_id, parse_event_id
 
 FRAMERS = (SseFramer, NdjsonFramer)
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from redis_server import RedisServer
 
-from extproc.envoy_security import EnvoySecurity
-from extproc.supervisor import Stack, StackOptions, start_stack
+from extproc.ops.envoy_security import EnvoySecurity
+from extproc.ops.supervisor import Stack, StackOptions, start_stack
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TEST_DEMO_RATE = 400.0  # events/s: fast enough for a quick suite, slow enough to be live

@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
+from stream_relay_bench.peers import redis_answers_ping
 
-from extproc.bench.peers import redis_answers_ping
-from extproc.supervisor import free_port
+from extproc.ops.supervisor import free_port
 
 START_TIMEOUT_S = 10.0
 

@@ -22,7 +22,7 @@ from conftest import envoy_stats, make_stack
 from test_detached import wait_for
 from test_e2e import chat, events_of
 
-from extproc.supervisor import Stack
+from extproc.ops.supervisor import Stack
 
 BIG = 4096  # the demo upstream's largest answer: ~1 MB of events
 # ~2 s of generation: the upstream is still sending when the stalled client's window and

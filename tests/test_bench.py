@@ -10,15 +10,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from stream_relay_bench import peers, report
+from stream_relay_bench.command import selected, sweep_levels
+from stream_relay_bench.loadgen import Response
+from stream_relay_bench.runner import (
+    QUICK,
+    Load,
+    measure,
+    per_role,
+    run_loadgen,
+    streams_job,
+    sweep,
+)
+from stream_relay_bench.scenarios import running
+from stream_relay_bench.stats import expected_events, percentile, summary
 
-from extproc.bench import peers, report
-from extproc.bench.command import selected, sweep_levels
-from extproc.bench.loadgen import Response
-from extproc.bench.runner import QUICK, Load, measure, per_role, run_loadgen, streams_job, sweep
-from extproc.bench.scenarios import running
-from extproc.bench.stats import expected_events, percentile, summary
-from extproc.cli import build_parser
-from extproc.supervisor import Stack
+from extproc.ops.cli import build_parser
+from extproc.ops.supervisor import Stack
 
 
 def test_percentile_is_nearest_rank() -> None:

@@ -20,7 +20,7 @@ from conftest import envoy_stats
 from httpx_sse import aconnect_sse
 from test_e2e import chat, events_of
 
-from extproc.supervisor import Stack
+from extproc.ops.supervisor import Stack
 
 SEEDS = range(30)
 SSE_SEEDS = range(12)

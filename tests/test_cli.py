@@ -13,11 +13,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from extproc.envoy_config import EnvoyPorts, Upstream, render
-from extproc.envoy_security import EnvoySecurity
-from extproc.supervisor import envoy_binary
+from extproc.ops.envoy_render import EnvoyPorts, Upstream, render
+from extproc.ops.envoy_security import EnvoySecurity
+from extproc.ops.supervisor import envoy_binary
 
-CLI = [sys.executable, "-m", "extproc.cli"]
+CLI = [sys.executable, "-m", "extproc.ops.cli"]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -32,7 +32,7 @@ from test_chaos import (
 )
 from test_e2e import chat
 
-from extproc.supervisor import Stack
+from extproc.ops.supervisor import Stack
 
 JS_DIR = Path(__file__).parent.parent / "clients" / "js"
 E2E = JS_DIR / "e2e" / "stack.mjs"

@@ -33,7 +33,7 @@ from stream_relay_client import (
 from test_chaos import FAST, HEAD_BYTES_MAX, STREAM_BYTES, envoy_port, llm_calls
 from test_e2e import chat
 
-from extproc.supervisor import Stack
+from extproc.ops.supervisor import Stack
 
 SESSION = "S" * 22
 QUICK = RetryPolicy(max_reconnects=60, base=0.001, cap=0.01)  # chaos: many cuts, short waits

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from test_observability import SCRAPE_JOBS
 
-from extproc.supervisor import envoy_binary
+from extproc.ops.supervisor import envoy_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"

@@ -23,7 +23,7 @@ import pytest
 from conftest import npm_ci_unless_installed
 from test_chaos import reference_events
 
-from extproc.supervisor import Stack
+from extproc.ops.supervisor import Stack
 
 JS_DIR = Path(__file__).parent.parent / "clients" / "js"
 DRIVER = JS_DIR / "e2e" / "demo_page.mjs"

@@ -20,7 +20,7 @@ import openai
 import pytest
 from aiohttp import web
 
-from extproc.demo_upstream import (
+from extproc.demo.upstream import (
     DEFAULT_MAX_TOKENS,
     VOCABULARY,
     DemoConfig,
@@ -453,7 +453,7 @@ def test_cli_writes_ports_file_and_stops_on_signal(tmp_path: Path, sig: signal.S
     cmd = [
         sys.executable,
         "-m",
-        "extproc.demo_upstream",
+        "extproc.demo.upstream",
         "--rate",
         "0",
         "--ports-file",

@@ -13,7 +13,7 @@ from conftest import envoy_stats, make_stack, upstream_stats
 from httpx_sse import connect_sse
 from test_e2e import chat, events_of
 
-from extproc.supervisor import Stack
+from extproc.ops.supervisor import Stack
 
 SLOW = {"x-demo-rate": "20"}  # 20 events/s: a generation that outlives the test's actions
 

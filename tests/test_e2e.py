@@ -16,7 +16,7 @@ import httpx
 from conftest import envoy_stats, make_stack, upstream_stats
 from httpx_sse import connect_sse
 
-from extproc.supervisor import Stack
+from extproc.ops.supervisor import Stack
 
 ID_LINE = re.compile(rb"^id: ([A-Za-z0-9_-]{22}):(\d+)$", re.MULTILINE)
 
@@ -242,7 +242,7 @@ def test_relay_down_fails_open_untagged_then_recovers(own_stack: Stack) -> None:
     bound = json.loads((own_stack.workdir / "relay.ports").read_text())
     argv = ["serve", "--grpc-port", str(bound["grpc_port"]), "--http-port", str(bound["http_port"])]
     restarted = subprocess.Popen(
-        [sys.executable, "-m", "extproc.cli", *argv, "--egress-url", own_stack.egress_url],
+        [sys.executable, "-m", "extproc.ops.cli", *argv, "--egress-url", own_stack.egress_url],
         stdout=subprocess.DEVNULL,
         stderr=(own_stack.workdir / "relay-restarted.log").open("wb"),
         start_new_session=True,

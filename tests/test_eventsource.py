@@ -22,7 +22,7 @@ from conftest import npm_ci_unless_installed, run_to_end
 from test_chaos import envoy_port, no_reuse_client, reference_events
 from test_e2e import chat, events_of
 
-from extproc.supervisor import Stack
+from extproc.ops.supervisor import Stack
 
 JS_DIR = Path(__file__).parent / "js"
 READER = JS_DIR / "eventsource_reader.mjs"

@@ -1,4 +1,4 @@
-"""Tests for extproc.framing: fixtures under any chunking, a naive WHATWG reference parser on
+"""Tests for extproc.session.framing: fixtures under any chunking, a naive WHATWG reference parser on
 arbitrary bytes, CRLF split across chunks, frame-size limits and the tag/read helpers."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from extproc.framing import (
+from extproc.session.framing import (
     DEFAULT_MAX_FRAME_BYTES,
     Frame,
     FrameTooLarge,

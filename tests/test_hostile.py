@@ -22,11 +22,11 @@ from conftest import envoy_stats, make_stack
 from hypothesis import given
 from hypothesis import strategies as st
 
-from extproc.envoy_security import EnvoySecurity
 from extproc.errors import MalformedEventId, SessionNotFound
-from extproc.framing import FrameTooLarge, NdjsonFramer, SseFramer
-from extproc.ids import format_event_id, new_session_id, parse_event_id
-from extproc.supervisor import Stack
+from extproc.ops.envoy_security import EnvoySecurity
+from extproc.ops.supervisor import Stack
+from extproc.session.framing import FrameTooLarge, NdjsonFramer, SseFramer
+from extproc.session.ids import format_event_id, new_session_id, parse_event_id
 
 MAX_EVENT_BYTES = 64 * 1024  # the relay's --max-event-bytes in this module's stack
 MAX_REQUEST_BYTES = 32 * 1024  # generation bodies: Envoy (declared length) and the relay

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from extproc.access.identity import ANONYMOUS, MAX_CLAIM_BYTES, owner_key
 from extproc.errors import Unauthenticated
-from extproc.identity import ANONYMOUS, MAX_CLAIM_BYTES, owner_key
 
 
 def payload(claims: dict[str, object] | bytes) -> str:

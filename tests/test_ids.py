@@ -1,4 +1,4 @@
-"""Tests for extproc.ids: the one cursor format. Ids we issue round-trip; anything else is
+"""Tests for extproc.session.ids: the one cursor format. Ids we issue round-trip; anything else is
 MalformedEventId (400), never a crash and never a silently different cursor."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from extproc.errors import MalformedEventId
-from extproc.ids import (
+from extproc.session.ids import (
     MAX_EVENT_ID_LENGTH,
     EventId,
     format_event_id,

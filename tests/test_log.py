@@ -1,4 +1,4 @@
-"""Tests for extproc.log: dense seqs, first-cause-wins end state, and cursors that read history
+"""Tests for extproc.session.log: dense seqs, first-cause-wins end state, and cursors that read history
 then the live tail, stop at the end, and say out loud when the store dropped the log.
 
 Tasks synchronise on events and on the log itself, never on sleeps; every wait has a deadline
@@ -11,7 +11,7 @@ import asyncio
 import pytest
 
 from extproc.errors import SessionGone
-from extproc.log import (
+from extproc.session.log import (
     EVENT_OVERHEAD_BYTES,
     LOG_OVERHEAD_BYTES,
     Cursor,

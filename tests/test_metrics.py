@@ -7,7 +7,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_detached import open_stream, read_events
 from test_e2e import chat
 
-from extproc.supervisor import Stack
+from extproc.ops.supervisor import Stack
 
 
 def scrape(stack: Stack) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -83,8 +83,8 @@ def test_inline_processor_is_timed_per_phase(stack: Stack) -> None:
 
 
 def test_lag_gauge_sees_a_reader_that_is_not_being_written_to() -> None:
-    from extproc.detached import DetachSettings, Generations
-    from extproc.log import Cursor, WritePath
+    from extproc.detached.generations import DetachSettings, Generations
+    from extproc.session.log import Cursor, WritePath
     from extproc.store import MemoryStore
 
     store = MemoryStore()

@@ -17,7 +17,7 @@ from redis_server import RedisServer
 from test_detached import read_events, wait_for
 from test_e2e import ID_LINE, chat, events_of, stream_bytes
 
-from extproc.supervisor import Child, Stack
+from extproc.ops.supervisor import Child, Stack
 
 LEASE_S = 1.5
 SLOW = {"x-demo-rate": "20"}  # a generation that outlives the test's actions

@@ -27,7 +27,7 @@ from conftest import make_stack
 from test_detached import open_stream, read_events
 from test_e2e import chat, events_of
 
-from extproc.supervisor import Stack, free_port
+from extproc.ops.supervisor import Stack, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "dashboards" / "grafana" / "stream-relay.json"

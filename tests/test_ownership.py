@@ -18,9 +18,9 @@ from test_security import ALICE_KEY, AUDIENCE, BOB_KEY, CHAT, ISSUER, Creds, bea
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import InvalidStatus
 
+from extproc.ops.supervisor import Stack
 from extproc.proto.relay.v1 import relay_pb2_grpc
 from extproc.proto.relay.v1.relay_pb2 import SubscribeRequest
-from extproc.supervisor import Stack
 
 SLOW = {"x-demo-rate": "20"}
 

@@ -1,4 +1,4 @@
-"""Tests for extproc.processor (layer 2): a StreamProcessor driven by real ext_proc
+"""Tests for extproc.inline.processor (layer 2): a StreamProcessor driven by real ext_proc
 ProcessingRequest messages, as Envoy sends them, with the replies decoded as Envoy would.
 
 Expected bodies come from a small reference tagger below that works on the whole input by the
@@ -26,9 +26,9 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from extproc.identity import owner_key
-from extproc.log import EVENT_OVERHEAD_BYTES, LOG_OVERHEAD_BYTES, EndState, SessionLog
-from extproc.processor import StreamProcessor
+from extproc.access.identity import owner_key
+from extproc.inline.processor import StreamProcessor
+from extproc.session.log import EVENT_OVERHEAD_BYTES, LOG_OVERHEAD_BYTES, EndState, SessionLog
 from extproc.store import MemoryStore, StoreLimits
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -25,12 +25,12 @@ from httpx_sse import ServerSentEvent, aconnect_sse, connect_sse
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import InvalidStatus
 
-from extproc.framing import SseFramer
-from extproc.fronts.cursors import event_fields
-from extproc.log import SessionLog, WritePath
+from extproc.ops.supervisor import Stack
 from extproc.proto.relay.v1 import relay_pb2_grpc
 from extproc.proto.relay.v1.relay_pb2 import SubscribeRequest
-from extproc.supervisor import Stack
+from extproc.readers.cursors import event_fields
+from extproc.session.framing import SseFramer
+from extproc.session.log import SessionLog, WritePath
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 30

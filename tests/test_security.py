@@ -21,19 +21,17 @@ from conftest import make_stack
 from credentials import jwks_and_signer, self_signed_cert
 from test_cli import banner_url, read_banner
 
-from extproc.cli import auth_line
-from extproc.envoy_config import EnvoyPorts, Upstream, render
-from extproc.envoy_security import (
+from extproc.access.identity import IDENTITY_HEADER, JWT_PAYLOAD_HEADER
+from extproc.errors import ConfigError
+from extproc.ops.cli import auth_line
+from extproc.ops.envoy_render import EnvoyPorts, Upstream, render
+from extproc.ops.envoy_security import (
     EnvoySecurity,
     JwtSettings,
     TlsFiles,
     parse_api_keys,
 )
-from extproc.errors import ConfigError
-from extproc.identity import IDENTITY_HEADER, JWT_PAYLOAD_HEADER
-from extproc.proto.relay.v1 import relay_pb2_grpc
-from extproc.proto.relay.v1.relay_pb2 import SubscribeRequest
-from extproc.supervisor import (
+from extproc.ops.supervisor import (
     Stack,
     StackOptions,
     _python_child,
@@ -43,8 +41,10 @@ from extproc.supervisor import (
     start_envoy,
     start_stack,
 )
+from extproc.proto.relay.v1 import relay_pb2_grpc
+from extproc.proto.relay.v1.relay_pb2 import SubscribeRequest
 
-CLI = [sys.executable, "-m", "extproc.cli"]
+CLI = [sys.executable, "-m", "extproc.ops.cli"]
 ALICE_KEY = "sk-alice-4f1c2a9e7b"
 BOB_KEY = "sk-bob-83d0c6e15a"
 LLM_KEY = "llm-upstream-key-7d3b9e2f51c4"

@@ -1,4 +1,4 @@
-"""Tests for extproc.service and extproc.node (layer 3): a real relay node on port 0, spoken to
+"""Tests for extproc.inline.service and extproc.node.process (layer 3): a real relay node on port 0, spoken to
 over a real grpc.aio channel the way Envoy's ext_proc filter does: one message, one reply, in
 order. Waits are on the session log itself (which wakes on its end) under a deadline."""
 
@@ -19,9 +19,9 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
 from envoy.service.ext_proc.v3.external_processor_pb2_grpc import ExternalProcessorStub
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from extproc.config import NodeSettings
-from extproc.log import EndState, SessionLog
-from extproc.node import RunningNode, start_node
+from extproc.node.config import NodeSettings
+from extproc.node.process import RunningNode, start_node
+from extproc.session.log import EndState, SessionLog
 
 DEADLINE_S = 5.0
 SSE_BODY = b"".join(f'data: {{"n": {n}}}\n\n'.encode() for n in range(1, 7))

@@ -15,10 +15,10 @@ from test_detached import open_stream, read_events
 from test_e2e import chat, events_of
 from test_observability import relay_value, wait_for
 
-from extproc.status import parse, render, summarize
-from extproc.supervisor import Stack
+from extproc.ops.status import parse, render, summarize
+from extproc.ops.supervisor import Stack
 
-CLI = [sys.executable, "-m", "extproc.cli", "status"]
+CLI = [sys.executable, "-m", "extproc.ops.cli", "status"]
 STORE_BYTES = 1024 * 1024
 LIVE_RATE = 20.0  # events/s of the generation that runs while status measures
 

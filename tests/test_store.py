@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from extproc.errors import ConfigError, SessionGone, SessionNotFound
-from extproc.ids import new_session_id
-from extproc.log import (
+from extproc.session.ids import new_session_id
+from extproc.session.log import (
     EVENT_OVERHEAD_BYTES,
     LOG_OVERHEAD_BYTES,
     Cursor,

@@ -15,9 +15,9 @@ import pytest
 from redis import asyncio as aioredis
 from redis_server import RedisServer
 
-from extproc.access import Access, mint_share
+from extproc.access.grants import Access, mint_share
 from extproc.errors import SessionGone, SessionNotFound, StoreUnavailable
-from extproc.log import Cursor, EndState, SessionLog, WritePath
+from extproc.session.log import Cursor, EndState, SessionLog, WritePath
 from extproc.store import MemoryStore, RedisSettings, RedisStore, SessionStore, StoreLimits
 
 MIB = 1024 * 1024

@@ -1,10 +1,10 @@
 """Where session logs live: `memory` (embedded, the default) or Redis Streams (shared by
 several relay nodes). Both offer the `SessionStore` interface."""
 
-from extproc.metrics import RelayMetrics
+from extproc.node.metrics import RelayMetrics
 from extproc.store.base import SessionStore
 from extproc.store.memory import MemoryStore, StoreLimits
-from extproc.store.redis_streams import DEFAULT_LEASE_S, RedisSettings, RedisStore
+from extproc.store.redis.store import DEFAULT_LEASE_S, RedisSettings, RedisStore
 
 __all__ = [
     "DEFAULT_LEASE_S",

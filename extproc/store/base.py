@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-from extproc.access import OPEN, Access, ShareRecord
-from extproc.log import EndState, SessionLog, WritePath
-from extproc.metrics import RelayMetrics
+from extproc.access.grants import OPEN, Access, ShareRecord
+from extproc.node.metrics import RelayMetrics
+from extproc.session.log import EndState, SessionLog, WritePath
 
 
 class SessionStore(Protocol):

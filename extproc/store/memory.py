@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 from cachetools import LRUCache
 
-from extproc.access import MAX_SHARES_PER_SESSION, OPEN, Access, ShareRecord
+from extproc.access.grants import MAX_SHARES_PER_SESSION, OPEN, Access, ShareRecord
 from extproc.errors import ConfigError, LimitExceeded, SessionGone, SessionNotFound
-from extproc.ids import new_session_id
-from extproc.log import EVENT_OVERHEAD_BYTES, EndState, SessionLog, WritePath
-from extproc.metrics import RelayMetrics
+from extproc.node.metrics import RelayMetrics
+from extproc.session.ids import new_session_id
+from extproc.session.log import EVENT_OVERHEAD_BYTES, EndState, SessionLog, WritePath
 
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 DEFAULT_MAX_LOG_BYTES = 16 * 1024 * 1024

@@ -1,1 +1,0 @@
-"""Client-facing fronts of the relay node: each adapts a log cursor to one wire protocol."""

@@ -1,0 +1,217 @@
+"""The inline write path: one state machine per HTTP stream that Envoy hands to ext_proc.
+
+Pure: ProcessingRequest messages in, ProcessingResponse messages out; the gRPC loop around it
+lives in `service.py`. Envoy sends request and response headers; for `200` event streams the
+processor switches the body to STREAMED (mode_override), frames each chunk, appends events to
+the log and returns the chunk re-written with `id:` lines. Everything else passes untouched.
+"""
+
+from __future__ import annotations
+
+from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
+from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
+from envoy.service.ext_proc.v3.external_processor_pb2 import (
+    BodyResponse,
+    CommonResponse,
+    HeaderMutation,
+    HeadersResponse,
+    HttpBody,
+    HttpHeaders,
+    ImmediateResponse,
+    ProcessingRequest,
+    ProcessingResponse,
+    TrailersResponse,
+)
+from envoy.type.v3.http_status_pb2 import HttpStatus
+
+from extproc.access.grants import DEFAULT_MAX_SESSIONS_PER_IDENTITY
+from extproc.access.identity import IDENTITY_HEADER, JWT_PAYLOAD_HEADER, owner_key
+from extproc.errors import LimitExceeded, RelayError
+from extproc.session.framing import framer_for
+from extproc.session.log import EndState, SessionLog, WritePath
+from extproc.session.writer import SessionWriter
+from extproc.store import SessionStore
+
+SESSION_HEADER = "x-relay-session"
+# Set by the processor, matched by Envoy's route table; Envoy strips any client-sent copy.
+ROUTE_HEADER = "x-relay-target"
+ROUTE_RESUME = "resume"
+ROUTE_DETACHED = "detached"
+# gRPC metadata that Envoy's per-route ext_proc override sends for detached routes.
+WRITE_PATH_METADATA = "x-relay-write-path"
+LAST_EVENT_ID_HEADER = "last-event-id"
+
+_CONTINUE_REQUEST = ProcessingResponse(request_headers=HeadersResponse())
+_CONTINUE_RESPONSE = ProcessingResponse(response_headers=HeadersResponse())
+# For requests re-routed to the relay's own front, whose response is already tagged.
+_SKIP_RESPONSE = ProcessingMode(
+    request_header_mode=ProcessingMode.SEND,
+    response_header_mode=ProcessingMode.SKIP,
+    request_body_mode=ProcessingMode.NONE,
+    response_body_mode=ProcessingMode.NONE,
+    request_trailer_mode=ProcessingMode.SKIP,
+    response_trailer_mode=ProcessingMode.SKIP,
+)
+_PASS_BODY = ProcessingResponse(response_body=BodyResponse())
+# Must equal the `allowed_override_modes` entry in envoy/envoy.yaml field for field.
+_STREAM_BODY = ProcessingMode(
+    request_header_mode=ProcessingMode.SEND,
+    response_header_mode=ProcessingMode.SEND,
+    request_body_mode=ProcessingMode.NONE,
+    response_body_mode=ProcessingMode.STREAMED,
+    request_trailer_mode=ProcessingMode.SKIP,
+    response_trailer_mode=ProcessingMode.SKIP,
+)
+
+
+def header_value(headers: HttpHeaders, name: str) -> str | None:
+    """The first value of `name` (lower case); Envoy sends either raw_value or value."""
+    for header in headers.headers.headers:
+        if header.key == name:
+            return header.raw_value.decode("latin-1") if header.raw_value else str(header.value)
+    return None
+
+
+def _set_header(name: str, value: str) -> HeaderValueOption:
+    return HeaderValueOption(
+        header=HeaderValue(key=name, raw_value=value.encode()),
+        append_action=HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+    )
+
+
+def _body(data: bytes) -> ProcessingResponse:
+    # Hot path (one per chunk): setting the nested field in place costs ~0.6 µs; building
+    # BodyMutation, CommonResponse, BodyResponse as objects and copying them in costs ~2.5 µs.
+    response = ProcessingResponse()
+    mutation = response.response_body.response.body_mutation
+    if data:
+        mutation.body = data
+    else:
+        mutation.clear_body = True
+    return response
+
+
+def _refuse(error: RelayError) -> ProcessingResponse:
+    """Answer the client from Envoy without calling the LLM (the one mapping of this front)."""
+    return ProcessingResponse(
+        immediate_response=ImmediateResponse(
+            status=HttpStatus(code=error.http_status),
+            headers=HeaderMutation(set_headers=[_set_header("content-type", "application/json")]),
+            body=error.json_body(),
+            details=error.code,
+        )
+    )
+
+
+class StreamProcessor:
+    """What the relay does with one HTTP stream; made fresh for every ext_proc gRPC stream."""
+
+    __slots__ = (
+        "_max_frame_bytes",
+        "_max_sessions",
+        "_owner",
+        "_rerouted",
+        "_store",
+        "_writer",
+        "detach",
+    )
+
+    def __init__(
+        self,
+        store: SessionStore,
+        *,
+        max_frame_bytes: int,
+        detach: bool = False,
+        max_sessions_per_identity: int = DEFAULT_MAX_SESSIONS_PER_IDENTITY,
+    ) -> None:
+        self._store = store
+        self._max_frame_bytes = max_frame_bytes
+        self._max_sessions = max_sessions_per_identity
+        self._writer: SessionWriter | None = None
+        self._rerouted = False
+        self._owner = ""  # Envoy's identity for the caller; "" when auth is off
+        self.detach = detach  # the route asked for the detached path (see envoy/envoy.yaml)
+
+    @property
+    def session(self) -> SessionLog | None:
+        return self._writer.log if self._writer is not None else None
+
+    def handle(self, request: ProcessingRequest) -> ProcessingResponse | None:
+        """Answer one message; None for messages that need no answer."""
+        kind = request.WhichOneof("request")
+        if kind == "response_body":
+            return self.on_response_body(request.response_body)
+        if kind == "request_headers":
+            return self.on_request_headers(request.request_headers)
+        if kind == "response_headers":
+            return self.on_response_headers(request.response_headers)
+        # Phases we do not configure Envoy to send still get the answer "continue unchanged".
+        if kind == "request_body":
+            return ProcessingResponse(request_body=BodyResponse())
+        if kind == "request_trailers":
+            return ProcessingResponse(request_trailers=TrailersResponse())
+        if kind == "response_trailers":
+            return ProcessingResponse(response_trailers=TrailersResponse())
+        return None
+
+    def on_request_headers(self, headers: HttpHeaders) -> ProcessingResponse:
+        # A request naming an event it already saw is answered from the log, never by a second
+        # upstream call; on a detached route a POST (a generation) is made by the relay itself.
+        if header_value(headers, LAST_EVENT_ID_HEADER) is not None:
+            target = ROUTE_RESUME
+        elif self.detach and header_value(headers, ":method") == "POST":
+            target = ROUTE_DETACHED
+        else:
+            try:
+                identity = header_value(headers, IDENTITY_HEADER)
+                self._owner = owner_key(identity, header_value(headers, JWT_PAYLOAD_HEADER))
+            except RelayError as error:
+                return _refuse(error)
+            if self._owner and self._store.open_sessions(self._owner) >= self._max_sessions:
+                return _refuse(
+                    LimitExceeded(f"{self._max_sessions} open sessions for this identity (limit)")
+                )
+            return _CONTINUE_REQUEST
+        self._rerouted = True
+        mutation = HeaderMutation(set_headers=[_set_header(ROUTE_HEADER, target)])
+        return ProcessingResponse(
+            request_headers=HeadersResponse(
+                response=CommonResponse(header_mutation=mutation, clear_route_cache=True)
+            ),
+            mode_override=_SKIP_RESPONSE,
+        )
+
+    def on_response_headers(self, headers: HttpHeaders) -> ProcessingResponse:
+        # No body to come (HEAD, an empty 200): nothing to log, so no session to promise.
+        if self._rerouted or headers.end_of_stream or header_value(headers, ":status") != "200":
+            return _CONTINUE_RESPONSE
+        content_type = header_value(headers, "content-type") or ""
+        framer = framer_for(content_type, max_frame_bytes=self._max_frame_bytes)
+        if framer is None:
+            return _CONTINUE_RESPONSE
+        log = self._store.create(
+            content_type=content_type, write_path=WritePath.INLINE, owner=self._owner
+        )
+        self._writer = SessionWriter(self._store, log, framer)
+        mutation = HeaderMutation(
+            set_headers=[_set_header(SESSION_HEADER, log.session_id)],
+            remove_headers=["content-length"],
+        )
+        return ProcessingResponse(
+            response_headers=HeadersResponse(response=CommonResponse(header_mutation=mutation)),
+            mode_override=_STREAM_BODY,
+        )
+
+    def on_response_body(self, body: HttpBody) -> ProcessingResponse:
+        writer = self._writer
+        if writer is None:
+            return _PASS_BODY
+        out = writer.feed(body.body)
+        if body.end_of_stream:
+            out += writer.close()
+        return _body(out)
+
+    def finish(self, state: EndState, reason: str = "") -> None:
+        """End the session (if any and still open): called when the ext_proc stream goes away."""
+        if self._writer is not None:
+            self._store.end(self._writer.log, state, reason)

@@ -1,0 +1,2 @@
+"""Operating the relay: the `stream-relay` command, the stack supervisor, `status`, and the
+Envoy configuration it renders."""

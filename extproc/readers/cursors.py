@@ -1,0 +1,68 @@
+"""Where a reader starts on a log, and what an event looks like to field-based readers.
+
+Shared by every front (HTTP/SSE, WebSocket, gRPC), so an id received over one resumes over
+any other and every front counts resume outcomes the same way.
+"""
+
+from __future__ import annotations
+
+from extproc.access.grants import Access
+from extproc.errors import MalformedEventId, SessionGone, SessionNotFound
+from extproc.session.framing import sse_data, sse_event_name
+from extproc.session.ids import EventId, parse_event_id
+from extproc.session.log import Cursor, EndState, SessionLog
+from extproc.store import SessionStore
+
+
+async def open_cursor(store: SessionStore, event_id: EventId, access: Access) -> Cursor:
+    """A cursor after `event_id`; the id must be one this session has already sent.
+
+    An ended session has one more id, `last_seq + 1`: that of the `relay.end` marker, after
+    which nothing is left."""
+    log = await store.lookup(event_id.session, at_least=event_id.seq, access=access)
+    ended = log.state is not EndState.OPEN and not log.gone_reason
+    if event_id.seq > log.last_seq and not (ended and event_id.seq == log.last_seq + 1):
+        if log.state is EndState.OPEN and not log.gone_reason:
+            raise MalformedEventId(f"event {event_id} has not been sent yet")
+        raise SessionGone(f"session {event_id.session} has no event {event_id.seq}")
+    return Cursor(log, event_id.seq)
+
+
+async def resume_cursor(
+    store: SessionStore,
+    text: str,
+    access: Access,
+    *,
+    protocol: str,
+    session_id: str | None = None,
+) -> Cursor:
+    """A cursor for a client that came back with an event id; counts the outcome.
+
+    `session_id`, when the path already names the session, must match the id's session.
+    """
+    resumes = store.metrics.resumes
+    try:
+        event_id = parse_event_id(text)
+        if session_id is not None and event_id.session != session_id:
+            raise MalformedEventId("the event id belongs to another session")
+        cursor = await open_cursor(store, event_id, access)
+    except MalformedEventId:
+        resumes.labels("malformed").inc()
+        raise
+    except SessionNotFound:
+        resumes.labels("unknown").inc()
+        raise
+    except SessionGone:
+        resumes.labels("expired").inc()
+        raise
+    resumes.labels("hit").inc()
+    store.metrics.client_reconnects.labels(protocol).inc()
+    return cursor
+
+
+def event_fields(log: SessionLog, raw: bytes) -> tuple[str | None, str]:
+    """A logged event for readers that get fields, not bytes: (SSE event name, data as the
+    WHATWG parser builds it). An NDJSON line has no name; its data is the line, no line end."""
+    if log.content_type.startswith("text/event-stream"):
+        return sse_event_name(raw), (sse_data(raw) or b"").decode("utf-8", "replace")
+    return None, raw.removesuffix(b"\n").removesuffix(b"\r").decode("utf-8", "replace")

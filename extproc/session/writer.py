@@ -1,0 +1,108 @@
+"""SessionWriter: turns upstream bytes into logged, tagged events; shared by both write paths.
+
+Inline (ext_proc) forwards what `feed` returns to the client; detached ignores it and lets the
+client read the log like every other reader. Either way the log holds each event exactly as
+clients receive it, so replayed bytes equal live bytes.
+"""
+
+from __future__ import annotations
+
+import json
+
+from extproc.session.framing import Frame, FrameTooLarge, NdjsonFramer, SseFramer, sse_data, tag_sse
+from extproc.session.ids import format_event_id
+from extproc.session.log import EndState, SessionLog
+from extproc.store import SessionStore
+
+
+class SessionWriter:
+    __slots__ = ("_framer", "_store", "_tag", "log")
+
+    def __init__(self, store: SessionStore, log: SessionLog, framer: SseFramer | NdjsonFramer):
+        self._store = store
+        self.log = log
+        self._framer: SseFramer | NdjsonFramer | None = framer
+        self._tag = isinstance(framer, SseFramer)  # NDJSON lines cannot carry an id in-band
+
+    def feed(self, data: bytes) -> bytes:
+        """Frame a chunk; return the bytes the client should get for it (events tagged)."""
+        framer = self._framer
+        if framer is None:
+            return data
+        try:
+            frames = framer.feed(data)
+        except FrameTooLarge as exc:
+            # Fail this session loudly; the client still gets every byte, the rest untagged.
+            self._framer = None
+            out = self._emit(exc.frames) + exc.rest
+            self._store.end(self.log, EndState.FAILED, f"event larger than {exc.limit} bytes")
+            return out
+        return self._emit(frames)
+
+    def close(self) -> bytes:
+        """The upstream ended: flush what is left and end the session done (or failed if torn)."""
+        framer, self._framer = self._framer, None
+        tail = framer.close() if framer is not None else None
+        if tail is None:
+            self._store.end(self.log, EndState.DONE)
+            return b""
+        out = self._emit([tail])
+        if not tail.complete and tail.is_event:
+            self._store.end(self.log, EndState.FAILED, "upstream ended mid-event")
+        else:
+            self._store.end(self.log, EndState.DONE)
+        return out
+
+    def _count_usage(self, raw: bytes) -> None:
+        """Token counts from the upstream's own report: OpenAI's usage chunk, Anthropic's
+        message_start / message_delta, Ollama's final line. Unparseable reports are ignored."""
+        data = sse_data(raw) if self._tag else raw
+        try:
+            doc = json.loads(data or b"")
+        except ValueError:
+            return
+        if not isinstance(doc, dict):
+            return
+        nested = doc.get("message")
+        message: dict[str, object] = nested if isinstance(nested, dict) else {}
+        usage = doc.get("usage") or message.get("usage") or {}
+        if not isinstance(usage, dict):
+            return
+        prompt = (
+            usage.get("prompt_tokens") or usage.get("input_tokens") or doc.get("prompt_eval_count")
+        )
+        completion = (
+            usage.get("completion_tokens") or usage.get("output_tokens") or doc.get("eval_count")
+        )
+        model = doc.get("model") or message.get("model") or "unknown"
+        if isinstance(prompt, int) or isinstance(completion, int):
+            self._store.metrics.count_tokens(
+                str(model)[:128],
+                prompt if isinstance(prompt, int) else 0,
+                completion if isinstance(completion, int) else 0,
+            )
+
+    def _emit(self, frames: list[Frame]) -> bytes:
+        log = self.log
+        if log.state is not EndState.OPEN or log.gone_reason:
+            return b"".join(frame.raw for frame in frames)
+        kept: list[bytes] = []
+        out: list[bytes] = []
+        seq = log.last_seq
+        for frame in frames:
+            if not (frame.is_event and frame.complete):
+                out.append(frame.raw)  # comments, retry-only blocks, a torn tail: untouched
+                continue
+            seq += 1
+            raw = frame.raw
+            if b'"usage"' in raw or b'"eval_count"' in raw:
+                self._count_usage(raw)
+            if self._tag:
+                raw = tag_sse(raw, format_event_id(log.session_id, seq))
+            kept.append(raw)
+            out.append(raw)
+        if kept and not self._store.append(log, kept):
+            # The log stopped keeping events (its byte limit): ids would not resume, so the
+            # client gets the upstream's bytes untagged from here on.
+            return b"".join(frame.raw for frame in frames)
+        return b"".join(out)

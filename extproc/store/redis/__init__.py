@@ -1,0 +1,1 @@
+"""The Redis (or Valkey) Streams store, shared by several relay nodes."""
