@@ -68,7 +68,7 @@ REPLACEMENTS: tuple[tuple[str, str], ...] = (
 def envoy_config_output() -> str:
     """What `stream-relay envoy-config` prints for the compose ports and upstream."""
     argv = [
-        *(sys.executable, "-m", "extproc.ops.cli", "envoy-config"),
+        *(sys.executable, "-m", "extproc", "envoy-config"),
         *("--port", str(PUBLIC_PORT), "--admin-port", str(ADMIN_PORT)),
         *("--relay-grpc-port", str(RELAY_GRPC_PORT), "--relay-http-port", str(RELAY_HTTP_PORT)),
         *("--egress-port", str(EGRESS_PORT), "--upstream", UPSTREAM_URL),

@@ -1,9 +1,11 @@
 """The relay's error tree: every error a client can see, with its HTTP status and gRPC code.
 
     RelayError
-    ├── MalformedEventId        400  INVALID_ARGUMENT   a Last-Event-ID / ?after= we never issued
+    ├── InvalidArgument         400  INVALID_ARGUMENT   a malformed session id, share token or ttl
+    │   └── MalformedEventId    400  INVALID_ARGUMENT   a Last-Event-ID / ?after= we never issued
     ├── Unauthenticated         401  UNAUTHENTICATED    Envoy's identity cannot be read losslessly
     ├── SessionNotFound         404  NOT_FOUND          unknown id, or one the caller may not read
+    │   └── AccessDenied        404  NOT_FOUND          (the latter, told apart only in metrics)
     ├── SessionGone             410  NOT_FOUND          existed, but expired or evicted
     ├── SessionConflict         409  FAILED_PRECONDITION not possible in the session's state
     ├── LimitExceeded           429  RESOURCE_EXHAUSTED a documented limit was hit
@@ -38,9 +40,13 @@ class RelayError(Exception):
         return json.dumps({"error": error}).encode()
 
 
-class MalformedEventId(RelayError):
+class InvalidArgument(RelayError):
     http_status = 400
     grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+    code = "invalid_argument"
+
+
+class MalformedEventId(InvalidArgument):
     code = "malformed_event_id"
 
 
@@ -54,6 +60,11 @@ class SessionNotFound(RelayError):
     http_status = 404
     grpc_code = grpc.StatusCode.NOT_FOUND
     code = "session_not_found"
+
+
+class AccessDenied(SessionNotFound):
+    """Someone else's session: answered exactly as an unknown id, so ids cannot be probed;
+    only the relay's own metrics tell the two apart."""
 
 
 class SessionGone(RelayError):

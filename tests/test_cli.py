@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import signal
@@ -13,15 +14,20 @@ from pathlib import Path
 import httpx
 import pytest
 
+from extproc.node.config import RELAY_FLAGS, NodeSettings
+from extproc.ops.cli import _relay_argv, build_parser, main
 from extproc.ops.envoy_render import EnvoyPorts, Upstream, render
 from extproc.ops.envoy_security import EnvoySecurity
 from extproc.ops.supervisor import envoy_binary
 
-CLI = [sys.executable, "-m", "extproc.ops.cli"]
+CLI = [sys.executable, "-m", "extproc"]
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=60)
+def run_main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """`stream-relay ARGS` in this process: (exit status, stdout, stderr)."""
+    status = main(list(args))
+    out, err = capsys.readouterr()
+    return status, out, err
 
 
 def read_banner(process: subprocess.Popen[str]) -> str:
@@ -51,24 +57,68 @@ def banner_url(banner: str, name: str) -> str:
         (["up", "--demo", "--demo-rate", "-1"], "--demo-rate"),
         (["up", "--upstream", "ftp://example.org"], "--upstream"),
         (["up", "--upstream", "http://example.org/v1"], "--upstream"),
-        (["serve", "--store-max-bytes", "10"], "store max bytes"),
-        (["serve", "--session-max-bytes", "999999999999"], "max log bytes"),
+        (["serve", "--store-max-bytes", "10"], "--store-max-bytes"),
+        (["serve", "--session-max-bytes", "999999999999"], "--session-max-bytes"),
+        (["serve", "--max-event-bytes", "100"], "--max-event-bytes"),
+        (["serve", "--detach-grace", "-1"], "--detach-grace"),
         (["up", "--demo", "--bogus"], "--bogus"),
         (["up", "--demo", "--nodes", "3"], "--store redis://"),
         (["up", "--demo", "--nodes", "0"], "--nodes"),
         (["up", "--demo", "--store", "mysql://db"], "--store"),
         (["serve", "--store", "http://127.0.0.1:6379"], "--store"),
-        (["serve", "--store", "redis://127.0.0.1:6379", "--node-lease", "0.1"], "node lease"),
+        (["serve", "--store", "redis://127.0.0.1:6379", "--node-lease", "0.1"], "--node-lease"),
         (["frobnicate"], "frobnicate"),
     ],
 )
-def test_bad_flags_print_one_line_and_exit_2(args: list[str], names: str) -> None:
-    result = run_cli(*args)
-    assert result.returncode == 2, result
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
+def test_bad_flags_print_one_line_and_exit_2(
+    capsys: pytest.CaptureFixture[str], args: list[str], names: str
+) -> None:
+    status, out, err = run_main(capsys, *args)
+    assert status == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
     assert names in lines[0]
-    assert result.stdout == ""
+    assert out == ""
+
+
+def test_the_module_entry_point_reports_bad_flags_the_same_way() -> None:
+    """`python -m extproc`, how `up` starts its children, exits as `main` returns."""
+    result = subprocess.run(
+        [*CLI, "up", "--demo", "--port", "eighty"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "--port" in result.stderr
+
+
+def test_up_hands_every_relay_setting_to_its_nodes_under_the_same_name() -> None:
+    """`up`'s flags for the relay become `serve` flags that build the same settings."""
+    parser = build_parser()
+    up = parser.parse_args(
+        [
+            "up",
+            "--demo",
+            "--session-ttl",
+            "12",
+            "--max-readers-per-identity",
+            "7",
+            "--detach-grace",
+            "0.5",
+            "--store-max-bytes",
+            str(2 << 20),
+        ]
+    )
+    handed = _relay_argv(up)
+    assert [part for part in handed if part.startswith("--")] == [
+        "--" + name.replace("_", "-") for name in RELAY_FLAGS
+    ]
+    serve = parser.parse_args(["serve", *handed])
+    settings = NodeSettings.from_flags(vars(serve))
+    assert settings.limits.session_ttl == 12
+    assert settings.readers.max_readers_per_identity == 7
+    assert settings.detach.detach_grace == 0.5
+    assert settings.limits.store_max_bytes == 2 << 20
+    ports = {"grpc_port": settings.grpc_port, "http_port": settings.http_port}  # set by up
+    assert settings == dataclasses.replace(NodeSettings.from_flags(vars(up)), **ports)
 
 
 def _live_pids_mentioning(text: str) -> list[int]:
@@ -169,15 +219,15 @@ def test_rendered_envoy_config_validates(tmp_path: Path, upstream: str) -> None:
     assert "OK" in result.stdout + result.stderr
 
 
-def test_envoy_config_command_prints_the_same_config() -> None:
-    result = run_cli("envoy-config", "--upstream", "http://127.0.0.1:8000")
-    assert result.returncode == 0
+def test_envoy_config_command_prints_the_same_config(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _ = run_main(capsys, "envoy-config", "--upstream", "http://127.0.0.1:8000")
+    assert status == 0
     ports = EnvoyPorts(
         listen_port=8080, admin_port=9901, relay_grpc_port=50051, relay_http_port=8081
     )
     upstream = Upstream.from_url("http://127.0.0.1:8000")
-    assert result.stdout == render(ports, upstream, security=EnvoySecurity())
-    assert os.linesep in result.stdout
+    assert out == render(ports, upstream, security=EnvoySecurity())
+    assert os.linesep in out
 
 
 @pytest.mark.parametrize(
@@ -187,17 +237,17 @@ def test_envoy_config_command_prints_the_same_config() -> None:
         ("store = [\n", [], "--config"),  # not TOML
         ("nodes = 2\n", [], "--store redis://"),  # the file's setting is applied
         ('nodes = 3\nstore = "redis://127.0.0.1:1/0"\n', ["--store", "memory"], "--store redis"),
-        ('node-lease = 0.1\nstore = "redis://127.0.0.1:1/0"\n', [], "node lease"),
+        ('node-lease = 0.1\nstore = "redis://127.0.0.1:1/0"\n', [], "--node-lease"),
     ],
 )
 def test_config_files_hold_the_same_settings_as_flags(
-    tmp_path: Path, config: str, args: list[str], names: str
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, config: str, args: list[str], names: str
 ) -> None:
     """`--config FILE` (TOML, keys are the long flag names): bad files fail like bad flags,
     and a flag on the command line wins over the file."""
     path = tmp_path / "relay.toml"
     path.write_text(config)
-    result = run_cli("up", "--demo", "--config", str(path), *args)
-    assert result.returncode == 2, result
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and names in lines[0], result.stderr
+    status, _, err = run_main(capsys, "up", "--demo", "--config", str(path), *args)
+    assert status == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and names in lines[0], err

@@ -1,5 +1,5 @@
-"""Tests for extproc.session.framing: fixtures under any chunking, a naive WHATWG reference parser on
-arbitrary bytes, CRLF split across chunks, frame-size limits and the tag/read helpers."""
+"""Tests for extproc.session.framing: fixtures under any chunking, a naive WHATWG reference
+parser on arbitrary bytes, CRLF split across chunks, frame-size limits and the tag/read helpers."""
 
 from __future__ import annotations
 
@@ -12,16 +12,18 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from extproc.session import framing
 from extproc.session.framing import (
     DEFAULT_MAX_FRAME_BYTES,
     Frame,
     FrameTooLarge,
     NdjsonFramer,
     SseFramer,
-    framer_for,
+    framing_of,
     sse_data,
     tag_sse,
 )
+from extproc.vocabulary import Framing
 
 FIXTURES = Path(__file__).parent / "fixtures"
 BOM = b"\xef\xbb\xbf"
@@ -381,16 +383,18 @@ def test_tag_sse_line_ends_and_id_forms() -> None:
         tag_sse(b"data: a\n\n", "bad\nid")
 
 
-def test_framer_for_content_types() -> None:
-    assert isinstance(framer_for("text/event-stream"), SseFramer)
-    assert isinstance(framer_for(" Text/Event-Stream ; charset=utf-8"), SseFramer)
-    assert isinstance(framer_for("application/x-ndjson"), NdjsonFramer)
-    assert isinstance(framer_for("application/jsonl; charset=UTF-8"), NdjsonFramer)
+def test_framing_of_content_types_is_case_insensitive() -> None:
+    assert framing_of("text/event-stream") is Framing.SSE
+    assert framing_of(" Text/Event-Stream ; charset=utf-8") is Framing.SSE
+    assert framing_of("TEXT/EVENT-STREAM") is Framing.SSE
+    assert framing_of("application/x-ndjson") is Framing.NDJSON
+    assert framing_of("Application/JSONL; charset=UTF-8") is Framing.NDJSON
     for other in ("application/json-seq", "application/json", "text/plain", ""):
-        assert framer_for(other) is None
+        assert framing_of(other) is None
+    assert isinstance(framing.new_framer(Framing.SSE), SseFramer)
+    assert isinstance(framing.new_framer(Framing.NDJSON), NdjsonFramer)
     with pytest.raises(ValueError):
-        framer_for("text/event-stream", max_frame_bytes=0)
-    sse = framer_for("text/event-stream", max_frame_bytes=10)
-    assert sse is not None
+        framing.new_framer(Framing.SSE, max_frame_bytes=0)
+    sse = framing.new_framer(Framing.SSE, max_frame_bytes=10)
     with pytest.raises(FrameTooLarge):
         sse.feed(b"x" * 11)

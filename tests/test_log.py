@@ -1,5 +1,5 @@
-"""Tests for extproc.session.log: dense seqs, first-cause-wins end state, and cursors that read history
-then the live tail, stop at the end, and say out loud when the store dropped the log.
+"""Tests for extproc.session.log: dense seqs, first-cause-wins end state, and cursors that read
+history then the live tail, stop at the end, and say out loud when the store dropped the log.
 
 Tasks synchronise on events and on the log itself, never on sleeps; every wait has a deadline
 so that a broken wake-up fails the test instead of hanging it."""

@@ -83,17 +83,24 @@ def test_inline_processor_is_timed_per_phase(stack: Stack) -> None:
 
 
 def test_lag_gauge_sees_a_reader_that_is_not_being_written_to() -> None:
-    from extproc.detached.generations import DetachSettings, Generations
+    from extproc.access.grants import OPEN
+    from extproc.node.metrics import RelayMetrics
+    from extproc.readers.registry import ReaderLimits, ReaderRegistry
     from extproc.session.log import Cursor, WritePath
     from extproc.store import MemoryStore
+    from extproc.vocabulary import ReaderProtocol
 
-    store = MemoryStore()
-    generations = Generations(store, DetachSettings(), max_frame_bytes=1 << 20)
+    metrics = RelayMetrics()
+    store = MemoryStore(metrics=metrics)
+    readers = ReaderRegistry(ReaderLimits(), metrics)
     log = store.create(content_type="text/event-stream", write_path=WritePath.INLINE)
     store.append(log, [b"data: x\n\n"] * 10)
-    lag = store.metrics.reader_lag_max
-    with generations.reading(Cursor(log, 2), protocol="sse"):
-        with generations.reading(Cursor(log, 7), protocol="ws"):
-            assert lag.collect()[0].samples[0].value == 8  # the furthest behind counts
-        assert lag.collect()[0].samples[0].value == 8
-    assert lag.collect()[0].samples[0].value == 0  # nobody attached, nobody lagging
+
+    def lag() -> float | None:
+        return metrics.registry.get_sample_value("relay_reader_lag_max_events")
+
+    with readers.attach(Cursor(log, 2), ReaderProtocol.SSE, OPEN):
+        with readers.attach(Cursor(log, 7), ReaderProtocol.WS, OPEN):
+            assert lag() == 8  # the furthest behind counts
+        assert lag() == 8
+    assert lag() == 0  # nobody attached, nobody lagging

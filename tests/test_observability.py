@@ -459,7 +459,8 @@ def observed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
         wait_for(
             "Prometheus to see Envoy fail open",
             lambda: (
-                bool(prometheus.series("sum(envoy_http_ext_proc_failure_mode_allowed) > 0"))
+                # all three: a scrape taken between two of them must not end the wait
+                bool(prometheus.series("sum(envoy_http_ext_proc_failure_mode_allowed) >= 3"))
                 and bool(prometheus.series('up{job="relay"} == 0'))
             ),
         )

@@ -27,9 +27,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from extproc.access.identity import owner_key
+from extproc.access.quota import SessionQuota
 from extproc.inline.processor import StreamProcessor
+from extproc.node.metrics import RelayMetrics
 from extproc.session.log import EVENT_OVERHEAD_BYTES, LOG_OVERHEAD_BYTES, EndState, SessionLog
 from extproc.store import MemoryStore, StoreLimits
+from extproc.vocabulary import WritePath
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MAX_FRAME_BYTES = 1 << 20
@@ -125,11 +128,25 @@ def set_headers(options: list[HeaderValueOption]) -> dict[str, str]:
 # --- driving a processor -------------------------------------------------------------------
 
 
+def new_store(limits: StoreLimits | None = None) -> MemoryStore:
+    return MemoryStore(limits, metrics=RelayMetrics())
+
+
 def new_processor(
-    store: MemoryStore | None = None, *, max_frame_bytes: int = MAX_FRAME_BYTES
+    store: MemoryStore | None = None,
+    *,
+    max_frame_bytes: int = MAX_FRAME_BYTES,
+    quota: SessionQuota | None = None,
+    route: WritePath | None = None,
 ) -> StreamProcessor:
-    store = store if store is not None else MemoryStore()  # an empty store is falsy
-    return StreamProcessor(store, max_frame_bytes=max_frame_bytes)
+    store = store if store is not None else new_store()  # an empty store is falsy
+    return StreamProcessor(
+        store,
+        quota if quota is not None else SessionQuota(),
+        max_event_bytes=max_frame_bytes,
+        on_usage=lambda usage: None,
+        route=route,
+    )
 
 
 def start_stream(processor: StreamProcessor, content_type: str = SSE) -> SessionLog:
@@ -224,7 +241,7 @@ def test_request_without_last_event_id_continues_plainly() -> None:
 
 
 def test_request_with_last_event_id_is_rerouted_to_resume() -> None:
-    store = MemoryStore()
+    store = new_store()
     processor = new_processor(store)
     reply = on_wire(processor.handle(request_headers({"last-event-id": "x" * 22 + ":3"})))
     common = reply.request_headers.response
@@ -242,12 +259,12 @@ def test_request_with_last_event_id_is_rerouted_to_resume() -> None:
 
 
 def test_detached_route_reroutes_generations_only() -> None:
-    store = MemoryStore()
-    post = StreamProcessor(store, max_frame_bytes=MAX_FRAME_BYTES, detach=True)
+    store = new_store()
+    post = new_processor(store, route=WritePath.DETACHED)
     reply = on_wire(post.handle(request_headers({})))
     mutation = reply.request_headers.response.header_mutation
     assert set_headers(list(mutation.set_headers)) == {"x-relay-target": "detached"}
-    get = StreamProcessor(store, max_frame_bytes=MAX_FRAME_BYTES, detach=True)
+    get = new_processor(store, route=WritePath.DETACHED)
     reply = on_wire(get.handle(request_headers({":method": "GET"})))
     assert not reply.request_headers.HasField("response")
 
@@ -263,7 +280,7 @@ def test_header_value_reads_raw_value_or_value() -> None:
 
 
 def test_event_stream_opens_a_session_and_streams_the_body() -> None:
-    store = MemoryStore()
+    store = new_store()
     processor = new_processor(store)
     processor.handle(request_headers({}))
     reply = on_wire(processor.handle(response_headers(200, "text/event-stream; charset=utf-8")))
@@ -293,7 +310,7 @@ def test_event_stream_opens_a_session_and_streams_the_body() -> None:
     ],
 )
 def test_other_responses_pass_untouched(status: int, content_type: str | None) -> None:
-    store = MemoryStore()
+    store = new_store()
     processor = new_processor(store)
     processor.handle(request_headers({}))
     reply = on_wire(processor.handle(response_headers(status, content_type)))
@@ -322,7 +339,7 @@ def test_sse_bodies_are_tagged_whatever_the_split(
     name: str, cuts: list[int], empty_end: bool
 ) -> None:
     data = SSE_INPUTS[name]
-    store = MemoryStore()
+    store = new_store()
     processor = new_processor(store)
     log = start_stream(processor)
     chunks = split_at(data, cuts) + ([b""] if empty_end else [])
@@ -440,7 +457,7 @@ def test_frame_over_the_limit_across_many_chunks_loses_nothing() -> None:
 
 def test_finish_cancelled_after_a_partial_stream() -> None:
     data = load("openai-chat-usage.sse")
-    store = MemoryStore()
+    store = new_store()
     processor = new_processor(store)
     log = start_stream(processor)
     blocks, _ = reference_blocks(data)
@@ -465,7 +482,7 @@ def test_finish_after_a_normal_end_changes_nothing() -> None:
 @given(cuts=st.lists(st.integers(min_value=0, max_value=1 << 16), max_size=12))
 def test_session_log_limit_mid_stream_leaves_the_rest_untagged(cuts: list[int]) -> None:
     data = load("openai-chat-usage.sse")
-    store = MemoryStore(StoreLimits(max_bytes=1 << 20, max_log_bytes=2048))
+    store = new_store(StoreLimits(store_max_bytes=1 << 20, session_max_bytes=2048))
     processor = new_processor(store)
     log = start_stream(processor)
 
@@ -482,7 +499,7 @@ def test_session_log_limit_mid_stream_leaves_the_rest_untagged(cuts: list[int]) 
 
 def test_log_limit_with_one_event_per_chunk() -> None:
     data = load("openai-chat-usage.sse")
-    store = MemoryStore(StoreLimits(max_bytes=1 << 20, max_log_bytes=2048))
+    store = new_store(StoreLimits(store_max_bytes=1 << 20, session_max_bytes=2048))
     processor = new_processor(store)
     log = start_stream(processor)
     blocks, _ = reference_blocks(data)
@@ -514,10 +531,10 @@ def test_other_phases_continue_unchanged() -> None:
 
 
 def test_inline_sessions_belong_to_envoys_identity_and_a_full_quota_gets_429() -> None:
-    store = MemoryStore()
+    store, quota = new_store(), SessionQuota(2)
     owned = []
     for _ in range(2):
-        processor = StreamProcessor(store, max_frame_bytes=1 << 20, max_sessions_per_identity=2)
+        processor = new_processor(store, quota=quota, route=WritePath.INLINE)
         reply = on_wire(processor.handle(request_headers({"x-relay-identity": "key:alice"})))
         assert reply.WhichOneof("response") == "request_headers"
         processor.handle(response_headers(200, "text/event-stream"))
@@ -525,23 +542,56 @@ def test_inline_sessions_belong_to_envoys_identity_and_a_full_quota_gets_429() -
         assert processor.session.owner == owner_key("key:alice", None)
         owned.append(processor)
 
-    third = StreamProcessor(store, max_frame_bytes=1 << 20, max_sessions_per_identity=2)
+    third = new_processor(store, quota=quota, route=WritePath.INLINE)
     refused = on_wire(third.handle(request_headers({"x-relay-identity": "key:alice"})))
     assert refused.WhichOneof("response") == "immediate_response"
     assert refused.immediate_response.status.code == 429
     assert json.loads(refused.immediate_response.body)["error"]["code"] == "limit_exceeded"
     assert third.session is None
 
-    folded = StreamProcessor(store, max_frame_bytes=1 << 20, max_sessions_per_identity=2)
+    folded = new_processor(store, quota=quota, route=WritePath.INLINE)
     refused = on_wire(folded.handle(request_headers({"x-relay-identity": "key:alice "})))
     assert refused.immediate_response.status.code == 401  # never read as key:alice
     assert json.loads(refused.immediate_response.body)["error"]["code"] == "invalid_identity"
 
-    other = StreamProcessor(store, max_frame_bytes=1 << 20, max_sessions_per_identity=2)
+    other = new_processor(store, quota=quota, route=WritePath.INLINE)
     reply = on_wire(other.handle(request_headers({"x-relay-identity": "key:bob"})))
     assert reply.WhichOneof("response") == "request_headers"  # another identity's own quota
 
     owned[0].handle(body_chunk(b"data: 1\n\n", end_of_stream=True))  # a session ends: room again
-    again = StreamProcessor(store, max_frame_bytes=1 << 20, max_sessions_per_identity=2)
+    again = new_processor(store, quota=quota, route=WritePath.INLINE)
     reply = on_wire(again.handle(request_headers({"x-relay-identity": "key:alice"})))
     assert reply.WhichOneof("response") == "request_headers"
+
+
+def test_the_quota_holds_when_every_request_header_arrives_before_any_response() -> None:
+    """The race of a check at the request and a count at the response: 20 generations of one
+    caller whose headers all arrive first. The slot is taken with the check, so 2 pass."""
+    store, quota = new_store(), SessionQuota(2)
+    processors = [new_processor(store, quota=quota, route=WritePath.INLINE) for _ in range(20)]
+    replies = [
+        on_wire(p.handle(request_headers({"x-relay-identity": "key:alice"}))) for p in processors
+    ]
+    passed = [p for p, r in zip(processors, replies, strict=True) if r.HasField("request_headers")]
+    assert len(passed) == 2
+    assert sum(r.immediate_response.status.code == 429 for r in replies) == 18
+    for processor in passed:
+        processor.handle(response_headers(200, SSE))
+    assert len(store) == 2
+    for processor in processors:  # every ext_proc stream ends: every slot comes back
+        processor.finish(EndState.CANCELLED, "client disconnected")
+    assert quota.open(owner_key("key:alice", None)) == 0
+
+
+def test_a_stream_on_another_route_takes_its_slot_at_the_response() -> None:
+    store, quota = new_store(), SessionQuota(1)
+    first = new_processor(store, quota=quota)  # no route metadata: not a generation route
+    first.handle(request_headers({"x-relay-identity": "key:alice"}))
+    assert quota.open(owner_key("key:alice", None)) == 0  # a GET /v1/models takes nothing
+    first.handle(response_headers(200, SSE))
+    assert first.session is not None
+    second = new_processor(store, quota=quota)
+    second.handle(request_headers({"x-relay-identity": "key:alice"}))
+    refused = on_wire(second.handle(response_headers(200, SSE)))
+    assert refused.immediate_response.status.code == 429
+    assert second.session is None and len(store) == 1

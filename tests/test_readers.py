@@ -261,7 +261,8 @@ async def test_errors_are_typed_before_the_upgrade_and_as_grpc_codes(stack: Stac
         assert await ws_refusal(ws_url(stack, unknown)) == (404, "session_not_found")
         for after in ("nonsense", f"{session}:x", f"{unknown}:1"):  # the last: another session's
             assert await ws_refusal(ws_url(stack, session, after)) == (400, "malformed_event_id")
-        assert await ws_refusal(ws_url(stack, "short")) == (400, "malformed_event_id")
+        path_id = await ws_refusal(ws_url(stack, "short"))  # a bad path id, not an event id
+        assert path_id == (400, "invalid_argument")
         assert await grpc_error(stack, unknown) == grpc.StatusCode.NOT_FOUND
         assert await grpc_error(stack, "", after=f"{unknown}:3") == grpc.StatusCode.NOT_FOUND
         assert (

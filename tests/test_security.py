@@ -34,12 +34,12 @@ from extproc.ops.envoy_security import (
 from extproc.ops.supervisor import (
     Stack,
     StackOptions,
-    _python_child,
-    _read_ports,
-    _wait_until,
     envoy_binary,
+    python_child,
+    read_ports,
     start_envoy,
     start_stack,
+    wait_until,
 )
 from extproc.proto.relay.v1 import relay_pb2_grpc
 from extproc.proto.relay.v1.relay_pb2 import SubscribeRequest
@@ -428,12 +428,12 @@ async def recorded(creds: Creds, tmp_path: Path) -> AsyncIterator[tuple[Stack, R
         ports_file = tmp_path / "relay.ports"
         relay = stack.spawn(
             "relay",
-            _python_child(
+            python_child(
                 "serve", "--grpc-port", "0", "--http-port", "0", "--ports-file", str(ports_file)
             ),
         )
-        _wait_until("its ports file", relay, lambda: _read_ports(ports_file) is not None)
-        grpc_port = (_read_ports(ports_file) or {})["grpc_port"]
+        wait_until("its ports file", relay, lambda: read_ports(ports_file) is not None)
+        grpc_port = (read_ports(ports_file) or {})["grpc_port"]
         config = tmp_path / "envoy.yaml"
         config.write_text(
             render(

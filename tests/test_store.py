@@ -20,6 +20,7 @@ from extproc.session.log import (
     SessionLog,
     WritePath,
 )
+from extproc.node.metrics import RelayMetrics
 from extproc.store import MemoryStore, StoreLimits
 
 MIB = 1024 * 1024
@@ -34,10 +35,25 @@ class FakeClock:
         return self.now
 
 
-def small_store(clock: FakeClock | None = None, **limits: float) -> MemoryStore:
-    values: dict[str, float] = {"max_bytes": MIB, "max_log_bytes": MIB, "ended_ttl_s": TTL_S}
+def small_store(
+    clock: FakeClock | None = None, *, metrics: RelayMetrics | None = None, **limits: float
+) -> MemoryStore:
+    values: dict[str, float] = {"store_max_bytes": MIB, "session_max_bytes": MIB, "session_ttl": TTL_S}
     values.update(limits)
-    return MemoryStore(StoreLimits(**values), clock=clock or FakeClock())  # type: ignore[arg-type]
+    return MemoryStore(
+        StoreLimits(**values),  # type: ignore[arg-type]
+        metrics=metrics or RelayMetrics(),
+        clock=clock or FakeClock(),
+    )
+
+
+def drops(metrics: RelayMetrics, reason: str) -> float:
+    """Sessions the store let go for `reason`, as its metric says."""
+    value = metrics.registry.get_sample_value(
+        "relay_store_dropped_sessions_total", {"reason": reason}
+    )
+    assert value is not None
+    return value
 
 
 def new_session(store: MemoryStore, payload: int = 0) -> SessionLog:
@@ -68,11 +84,12 @@ def test_unknown_session_is_not_found() -> None:
 
 
 def test_lru_evicts_least_recently_used_first_and_reads_refresh() -> None:
-    store = small_store()
+    metrics = RelayMetrics()
+    store = small_store(metrics=metrics)
     a, b, c = (new_session(store, 300_000) for _ in range(3))
     store.get(a.session_id)  # a read: now b is the least recently used
     d = new_session(store, 300_000)  # does not fit next to a, b and c
-    assert store.evictions == 1
+    assert drops(metrics, "evicted") == 1
     assert b.gone_reason == "evicted"
     with pytest.raises(SessionGone) as info:
         store.get(b.session_id)
@@ -116,7 +133,7 @@ async def test_eviction_tells_a_reading_cursor() -> None:
 
 
 def test_without_tombstones_a_dropped_session_is_not_found() -> None:
-    store = small_store(tombstones=0)
+    store = small_store(max_tombstones=0)
     victim = new_session(store, 300_000)
     for _ in range(3):
         new_session(store, 300_000)
@@ -127,7 +144,7 @@ def test_without_tombstones_a_dropped_session_is_not_found() -> None:
 
 def test_tombstones_are_bounded() -> None:
     clock = FakeClock()
-    store = small_store(clock, tombstones=2)
+    store = small_store(clock, max_tombstones=2)
     logs = [new_session(store) for _ in range(3)]
     for log in logs:
         store.end(log, EndState.DONE)
@@ -142,7 +159,8 @@ def test_tombstones_are_bounded() -> None:
 
 def test_ended_session_expires_after_ttl() -> None:
     clock = FakeClock()
-    store = small_store(clock)
+    metrics = RelayMetrics()
+    store = small_store(clock, metrics=metrics)
     done = new_session(store, 1000)
     still_open = new_session(store, 1000)
     store.end(done, EndState.DONE)
@@ -153,7 +171,7 @@ def test_ended_session_expires_after_ttl() -> None:
     with pytest.raises(SessionGone, match="expired"):
         store.get(done.session_id)
     assert done.gone_reason == "expired"
-    assert store.expirations == 1
+    assert drops(metrics, "expired") == 1
 
     clock.now += 100 * TTL_S  # an open session never expires, however old
     assert store.get(still_open.session_id) is still_open
@@ -176,7 +194,7 @@ def test_ttl_counts_from_the_end_not_the_creation() -> None:
 
 
 def test_per_session_limit_fails_the_session() -> None:
-    store = small_store(max_log_bytes=4096)
+    store = small_store(session_max_bytes=4096)
     log = new_session(store)
     other = new_session(store)
     room = 4
@@ -195,7 +213,7 @@ def test_per_session_limit_fails_the_session() -> None:
 
 
 def test_limit_is_checked_per_batch_before_appending() -> None:
-    store = small_store(max_log_bytes=2048)
+    store = small_store(session_max_bytes=2048)
     log = new_session(store)
     assert not store.append(log, [b"a" * 700, b"b" * 700, b"c" * 700])
     assert log.last_seq == 0
@@ -218,16 +236,16 @@ def test_append_after_end_or_drop_returns_false() -> None:
 @pytest.mark.parametrize(
     "limits",
     [
-        {"max_bytes": MIB - 1, "max_log_bytes": 1024},  # each case breaks exactly one rule
-        {"max_bytes": 0, "max_log_bytes": 0},
-        {"max_bytes": MIB, "max_log_bytes": MIB + 1},
-        {"max_log_bytes": 1023},
-        {"max_log_bytes": -1},
-        {"ended_ttl_s": 0.0},
-        {"ended_ttl_s": -1.0},
-        {"ended_ttl_s": math.nan},
-        {"ended_ttl_s": math.inf},
-        {"tombstones": -1},
+        {"store_max_bytes": MIB - 1, "session_max_bytes": 1024},  # each case breaks exactly one rule
+        {"store_max_bytes": 0, "session_max_bytes": 0},
+        {"store_max_bytes": MIB, "session_max_bytes": MIB + 1},
+        {"session_max_bytes": 1023},
+        {"session_max_bytes": -1},
+        {"session_ttl": 0.0},
+        {"session_ttl": -1.0},
+        {"session_ttl": math.nan},
+        {"session_ttl": math.inf},
+        {"max_tombstones": -1},
     ],
 )
 def test_store_limits_validation(limits: dict[str, float]) -> None:
@@ -237,15 +255,16 @@ def test_store_limits_validation(limits: dict[str, float]) -> None:
 
 def test_store_limits_accepts_the_boundaries() -> None:
     StoreLimits()
-    StoreLimits(max_bytes=MIB, max_log_bytes=MIB, ended_ttl_s=0.001, tombstones=0)
-    StoreLimits(max_bytes=MIB, max_log_bytes=1024)
+    StoreLimits(store_max_bytes=MIB, session_max_bytes=MIB, session_ttl=0.001, max_tombstones=0)
+    StoreLimits(store_max_bytes=MIB, session_max_bytes=1024)
 
 
 def test_nbytes_returns_to_zero_after_everything_expires() -> None:
     clock = FakeClock()
-    store = small_store(clock)
+    metrics = RelayMetrics()
+    store = small_store(clock, metrics=metrics)
     logs = [new_session(store, 50_000 * (n % 4)) for n in range(40)]  # some get evicted
-    assert store.evictions > 0
+    assert drops(metrics, "evicted") > 0
     assert store.nbytes == kept_bytes(logs) <= MIB
     for n, log in enumerate(logs):
         store.end(log, [EndState.DONE, EndState.CANCELLED, EndState.FAILED][n % 3])
@@ -254,7 +273,7 @@ def test_nbytes_returns_to_zero_after_everything_expires() -> None:
         store.get(logs[-1].session_id)
     assert store.nbytes == 0
     assert len(store) == 0
-    assert store.expirations + store.evictions == len(logs)
+    assert drops(metrics, "expired") + drops(metrics, "evicted") == len(logs)
 
 
 ops = st.lists(
@@ -271,7 +290,7 @@ ops = st.lists(
 @given(ops)
 def test_accounting_matches_the_kept_logs(steps: list[tuple[str, int, int]]) -> None:
     clock = FakeClock()
-    store = small_store(clock, max_log_bytes=300_000)
+    store = small_store(clock, session_max_bytes=300_000)
     logs: list[SessionLog] = []
     for op, pick, size in steps:
         log = logs[pick % len(logs)] if logs else None

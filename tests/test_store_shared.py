@@ -18,11 +18,12 @@ from redis_server import RedisServer
 from extproc.access.grants import Access, mint_share
 from extproc.errors import SessionGone, SessionNotFound, StoreUnavailable
 from extproc.session.log import Cursor, EndState, SessionLog, WritePath
+from extproc.node.metrics import RelayMetrics
 from extproc.store import MemoryStore, RedisSettings, RedisStore, SessionStore, StoreLimits
 
 MIB = 1024 * 1024
 SSE = "text/event-stream"
-LIMITS = StoreLimits(max_bytes=64 * MIB, max_log_bytes=MIB, ended_ttl_s=60)
+LIMITS = StoreLimits(store_max_bytes=64 * MIB, session_max_bytes=MIB, session_ttl=60)
 
 
 @dataclass
@@ -32,15 +33,19 @@ class Pair:
 
 
 def redis_store(
-    server: RedisServer, limits: StoreLimits = LIMITS, lease_s: float = 5.0
+    server: RedisServer,
+    limits: StoreLimits = LIMITS,
+    node_lease: float = 5.0,
+    metrics: RelayMetrics | None = None,
 ) -> RedisStore:
-    return RedisStore(RedisSettings(url=server.url, lease_s=lease_s), limits)
+    settings = RedisSettings(url=server.url, node_lease=node_lease)
+    return RedisStore(settings, limits, metrics=metrics or RelayMetrics())
 
 
 @pytest.fixture(params=["memory", "redis-same-node", "redis-other-node"])
 async def pair(request: pytest.FixtureRequest, redis_server: RedisServer) -> AsyncIterator[Pair]:
     if request.param == "memory":
-        store = MemoryStore(LIMITS)
+        store = MemoryStore(LIMITS, metrics=RelayMetrics())
         yield Pair(store, store)
         return
     writer = redis_store(redis_server)
@@ -201,33 +206,32 @@ async def test_sessions_without_an_owner_are_open_to_every_caller(pair: Pair) ->
     assert log.owner == ""
 
 
-async def test_open_sessions_are_counted_per_owner(pair: Pair) -> None:
-    first = pair.writer.create(content_type=SSE, write_path=WritePath.INLINE, owner="carol")
-    pair.writer.create(content_type=SSE, write_path=WritePath.INLINE, owner="carol")
-    pair.writer.create(content_type=SSE, write_path=WritePath.INLINE, owner="dave")
-    assert pair.writer.open_sessions("carol") == 2
-    pair.writer.end(first, EndState.DONE)
-    assert pair.writer.open_sessions("carol") == 1
-    assert pair.writer.open_sessions("nobody") == 0
-
-
 # What only a shared store has.
 
 
-def store_up(store: RedisStore) -> float | None:
-    return store.metrics.registry.get_sample_value("relay_store_up")
+def store_up(metrics: RelayMetrics) -> float | None:
+    return metrics.registry.get_sample_value("relay_store_up")
 
 
-async def two_nodes(server: RedisServer, **kwargs: object) -> tuple[RedisStore, RedisStore]:
-    a = redis_store(server, **kwargs)  # type: ignore[arg-type]
+async def two_nodes(
+    server: RedisServer,
+    *,
+    a_metrics: RelayMetrics | None = None,
+    a_cancels: Callable[[str], bool] = lambda session_id: False,
+    b_readers: Callable[[], dict[str, int]] = dict,
+    **kwargs: object,
+) -> tuple[RedisStore, RedisStore]:
+    """Two nodes on one Redis; `a` hears cancels with `a_cancels`, `b` counts its readers
+    with `b_readers` (what the node would wire in)."""
+    a = redis_store(server, metrics=a_metrics, **kwargs)  # type: ignore[arg-type]
     b = redis_store(server, **kwargs)  # type: ignore[arg-type]
-    await a.start()
-    await b.start()
+    await a.start(on_cancel=a_cancels)
+    await b.start(reader_counts=b_readers)
     return a, b
 
 
 async def test_ended_sessions_expire_from_redis_as_gone(redis_server: RedisServer) -> None:
-    limits = StoreLimits(max_bytes=64 * MIB, max_log_bytes=MIB, ended_ttl_s=0.3)
+    limits = StoreLimits(store_max_bytes=64 * MIB, session_max_bytes=MIB, session_ttl=0.3)
     a, b = await two_nodes(redis_server, limits=limits)
     try:
         session = a.create(content_type=SSE, write_path=WritePath.INLINE)
@@ -275,7 +279,8 @@ async def test_events_lost_from_redis_are_gone_never_skipped(redis_server: Redis
 async def test_redis_down_writes_go_on_reads_get_503_then_all_recovers(
     redis_server: RedisServer,
 ) -> None:
-    a, b = await two_nodes(redis_server)
+    metrics = RelayMetrics()
+    a, b = await two_nodes(redis_server, a_metrics=metrics)
     try:
         before = a.create(content_type=SSE, write_path=WritePath.INLINE)
         a.append(before, events(4))
@@ -291,14 +296,14 @@ async def test_redis_down_writes_go_on_reads_get_503_then_all_recovers(
         own = await a.lookup(during.session_id)  # not yet copied: the writing node answers
         assert own is during
         a.end(during, EndState.DONE)
-        await eventually("the writer to notice Redis is down", lambda: store_up(a) == 0)
+        await eventually("the writer to notice Redis is down", lambda: store_up(metrics) == 0)
 
         redis_server.start()  # same port, same append-only file
         copied = await until_copied(Pair(a, b), during)
         assert await read_all(copied) == events(6)
         kept = await b.lookup(before.session_id)
         assert await read_all(kept) == events(4)  # nothing already in Redis was lost
-        await eventually("the writer to see Redis again", lambda: store_up(a) == 1)
+        await eventually("the writer to see Redis again", lambda: store_up(metrics) == 1)
     finally:
         await a.close()
         await b.close()
@@ -338,7 +343,6 @@ async def test_redis_restarted_empty_old_sessions_unknown_open_ones_copied_again
 async def test_a_cancel_reaches_the_node_that_runs_the_generation(
     redis_server: RedisServer,
 ) -> None:
-    a, b = await two_nodes(redis_server)
     cancelled = asyncio.Event()
     seen: list[str] = []
 
@@ -347,7 +351,7 @@ async def test_a_cancel_reaches_the_node_that_runs_the_generation(
         cancelled.set()
         return True
 
-    a.on_cancel = on_cancel
+    a, b = await two_nodes(redis_server, a_cancels=on_cancel)
     try:
         session = a.create(content_type=SSE, write_path=WritePath.DETACHED)
         await until_copied(Pair(a, b), session)
@@ -367,13 +371,14 @@ async def test_a_cancel_reaches_the_node_that_runs_the_generation(
 async def test_readers_on_another_node_are_announced_to_the_writer(
     redis_server: RedisServer,
 ) -> None:
-    a, b = await two_nodes(redis_server, lease_s=0.6)
+    counts: dict[str, int] = {}
+    a, b = await two_nodes(redis_server, b_readers=counts.copy, node_lease=0.6)
     try:
         session = a.create(content_type=SSE, write_path=WritePath.DETACHED)
         a.append(session, events(1))
         await until_copied(Pair(a, b), session)
         assert await a.remote_readers(session.session_id) == 0
-        b.reader_counts = lambda: {session.session_id: 3}
+        counts[session.session_id] = 3
         b.readers_changed(session.session_id)
 
         async def announced() -> bool:
@@ -381,7 +386,7 @@ async def test_readers_on_another_node_are_announced_to_the_writer(
 
         await eventually("b's readers to be announced", announced)
         assert await b.remote_readers(session.session_id) == 0  # a node does not count itself
-        b.reader_counts = dict
+        counts.clear()
         b.readers_changed(session.session_id)
         await eventually("b's readers to leave", lambda: _no_readers(a, session))
     finally:

@@ -24,12 +24,12 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
     ProcessingResponse,
 )
 
-from extproc.inline.processor import _STREAM_BODY, header_value
+from extproc.inline.processor import STREAM_BODY_MODE, header_value
 from extproc.node.process import write_ports_file
 
 _CONTINUE_REQUEST = ProcessingResponse(request_headers=HeadersResponse())
 _CONTINUE_RESPONSE = ProcessingResponse(response_headers=HeadersResponse())
-_STREAM = ProcessingResponse(response_headers=HeadersResponse(), mode_override=_STREAM_BODY)
+_STREAM = ProcessingResponse(response_headers=HeadersResponse(), mode_override=STREAM_BODY_MODE)
 _PASS_BODY = ProcessingResponse(response_body=BodyResponse())
 
 

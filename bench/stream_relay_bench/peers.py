@@ -21,11 +21,11 @@ from string import Template
 from extproc.ops.envoy_render import EnvoyPorts, Upstream, render
 from extproc.ops.supervisor import (
     Stack,
-    _read_ports,
-    _wait_until,
     free_port,
     http_ok,
+    read_ports,
     start_envoy,
+    wait_until,
 )
 
 READY_TIMEOUT_S = 30.0
@@ -120,7 +120,7 @@ def stop(stack: Stack) -> None:
 
 
 def _wait_http(stack: Stack, url: str) -> None:
-    _wait_until(f"{url} to answer", stack.children[-1], lambda: http_ok(url))
+    wait_until(f"{url} to answer", stack.children[-1], lambda: http_ok(url))
 
 
 def start_upstream(stack: Stack) -> int:
@@ -128,8 +128,8 @@ def start_upstream(stack: Stack) -> int:
     ports = stack.workdir / "upstream.ports"
     argv = ["-m", "extproc.ops.cli", "demo-upstream", "--port", "0", "--timestamps"]
     child = stack.spawn("upstream", [sys.executable, *argv, "--ports-file", str(ports)])
-    _wait_until("its ports file", child, lambda: _read_ports(ports) is not None)
-    port = (_read_ports(ports) or {})["http_port"]
+    wait_until("its ports file", child, lambda: read_ports(ports) is not None)
+    port = (read_ports(ports) or {})["http_port"]
     stack.upstream_url = f"http://127.0.0.1:{port}"
     _wait_http(stack, f"{stack.upstream_url}/healthz")
     return port
@@ -153,8 +153,8 @@ def start_envoy_noop(stack: Stack, llm_port: int) -> int:
     ports = stack.workdir / "noop.ports"
     argv = [sys.executable, "-m", "stream_relay_bench.noop_extproc", "--ports-file", str(ports)]
     child = stack.spawn("noop", argv)
-    _wait_until("its ports file", child, lambda: _read_ports(ports) is not None)
-    grpc_port = (_read_ports(ports) or {})["grpc_port"]
+    wait_until("its ports file", child, lambda: read_ports(ports) is not None)
+    grpc_port = (read_ports(ports) or {})["grpc_port"]
     config = render(
         EnvoyPorts(
             listen_port=0,
@@ -247,5 +247,5 @@ def start_redis(stack: Stack) -> str:
         *("--port", str(port), "--bind", "127.0.0.1", "--dir", str(stack.workdir)),
         *("--save", "", "--appendonly", "no", "--daemonize", "no"),
     ]
-    _wait_until("PONG", stack.spawn("redis", argv), lambda: redis_answers_ping(port))
+    wait_until("PONG", stack.spawn("redis", argv), lambda: redis_answers_ping(port))
     return f"redis://127.0.0.1:{port}/0"

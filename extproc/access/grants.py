@@ -2,7 +2,7 @@
 or a holder of a read-only share token the owner minted for that one session.
 
 Envoy authenticates the caller and passes on what it verified, stripping any copy a client
-sends (SECURITY.md); `extproc/identity.py` turns that into the owner key compared here. A caller
+sends (SECURITY.md); `access/identity.py` turns that into the owner key compared here. A caller
 who may not read a session gets the same 404 as for an unknown id, so ids cannot be probed.
 Share tokens are `<token id>.<secret>`: the store keeps only the secret's SHA-256 and compares
 it in constant time.
@@ -16,7 +16,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from extproc.errors import ConfigError, LimitExceeded, MalformedEventId
+from extproc.errors import InvalidArgument
 
 SHARE_HEADER = "x-relay-share"
 SHARE_QUERY = "share"  # for EventSource, which cannot set headers
@@ -24,19 +24,6 @@ MAX_TOKEN_CHARS = 128
 DEFAULT_SHARE_TTL_S = 3600.0
 MAX_SHARE_TTL_S = 7 * 86400.0
 MAX_SHARES_PER_SESSION = 32
-DEFAULT_MAX_SESSIONS_PER_IDENTITY = 64  # open at once, per relay node
-DEFAULT_MAX_READERS_PER_IDENTITY = 256  # attached at once, per relay node
-
-
-@dataclass(frozen=True, kw_only=True)
-class AccessLimits:
-    max_sessions_per_identity: int = DEFAULT_MAX_SESSIONS_PER_IDENTITY
-    max_readers_per_identity: int = DEFAULT_MAX_READERS_PER_IDENTITY
-
-    def __post_init__(self) -> None:
-        for name in ("max_sessions_per_identity", "max_readers_per_identity"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name.replace('_', ' ')} must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -57,7 +44,7 @@ class Access:
     @classmethod
     def of(cls, identity: str | None, share_token: str | None = None) -> Access:
         if share_token and len(share_token) > MAX_TOKEN_CHARS:
-            raise MalformedEventId(f"share tokens are at most {MAX_TOKEN_CHARS} characters")
+            raise InvalidArgument(f"share tokens are at most {MAX_TOKEN_CHARS} characters")
         return cls(identity or "", share_token or "")
 
     def for_owner(self) -> Access:
@@ -66,6 +53,13 @@ class Access:
     @property
     def token_id(self) -> str:
         return self.share_token.partition(".")[0]
+
+    def reads_by_share(self, owner: str) -> bool:
+        """Whether a session of `owner` is read by this request's share token (so revoking or
+        expiring the token must cut the reader), not by being its owner."""
+        return bool(self.share_token and owner) and not hmac.compare_digest(
+            self.identity.encode(), owner.encode()
+        )
 
     def admits(self, owner: str, share: ShareRecord | None) -> bool:
         """May this request read (or, owner_only, manage) a session owned by `owner`?"""
@@ -93,7 +87,7 @@ class NewShare:
 
 def mint_share(ttl_s: float) -> NewShare:
     if not 0 < ttl_s <= MAX_SHARE_TTL_S:
-        raise LimitExceeded(f"share token lifetime must be 0..{MAX_SHARE_TTL_S:g} seconds")
+        raise InvalidArgument(f"share token lifetime must be 0..{MAX_SHARE_TTL_S:g} seconds")
     token_id = secrets.token_urlsafe(9)  # 12 characters, no '.'
     secret = secrets.token_urlsafe(32)
     record = ShareRecord(_digest(secret.encode()), time.time() + ttl_s)

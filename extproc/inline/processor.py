@@ -8,6 +8,8 @@ the log and returns the chunk re-written with `id:` lines. Everything else passe
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.service.ext_proc.v3.external_processor_pb2 import (
@@ -24,22 +26,23 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
 )
 from envoy.type.v3.http_status_pb2 import HttpStatus
 
-from extproc.access.grants import DEFAULT_MAX_SESSIONS_PER_IDENTITY
 from extproc.access.identity import IDENTITY_HEADER, JWT_PAYLOAD_HEADER, owner_key
-from extproc.errors import LimitExceeded, RelayError
-from extproc.session.framing import framer_for
+from extproc.access.quota import SessionQuota, Slot
+from extproc.errors import RelayError
+from extproc.session.framing import framing_of, new_framer
+from extproc.session.ids import LAST_EVENT_ID_HEADER, SESSION_HEADER
 from extproc.session.log import EndState, SessionLog, WritePath
+from extproc.session.usage import Usage
 from extproc.session.writer import SessionWriter
-from extproc.store import SessionStore
+from extproc.store.base import SessionStore
 
-SESSION_HEADER = "x-relay-session"
 # Set by the processor, matched by Envoy's route table; Envoy strips any client-sent copy.
 ROUTE_HEADER = "x-relay-target"
 ROUTE_RESUME = "resume"
 ROUTE_DETACHED = "detached"
-# gRPC metadata that Envoy's per-route ext_proc override sends for detached routes.
+# gRPC metadata that Envoy's per-route ext_proc override sends on generation routes: the
+# route's write path ("detached" or "inline"); absent on every other route.
 WRITE_PATH_METADATA = "x-relay-write-path"
-LAST_EVENT_ID_HEADER = "last-event-id"
 
 _CONTINUE_REQUEST = ProcessingResponse(request_headers=HeadersResponse())
 _CONTINUE_RESPONSE = ProcessingResponse(response_headers=HeadersResponse())
@@ -54,7 +57,7 @@ _SKIP_RESPONSE = ProcessingMode(
 )
 _PASS_BODY = ProcessingResponse(response_body=BodyResponse())
 # Must equal the `allowed_override_modes` entry in envoy/envoy.yaml field for field.
-_STREAM_BODY = ProcessingMode(
+STREAM_BODY_MODE = ProcessingMode(
     request_header_mode=ProcessingMode.SEND,
     response_header_mode=ProcessingMode.SEND,
     request_body_mode=ProcessingMode.NONE,
@@ -107,30 +110,36 @@ class StreamProcessor:
     """What the relay does with one HTTP stream; made fresh for every ext_proc gRPC stream."""
 
     __slots__ = (
-        "_max_frame_bytes",
-        "_max_sessions",
+        "_max_event_bytes",
+        "_on_usage",
         "_owner",
+        "_quota",
         "_rerouted",
+        "_slot",
         "_store",
         "_writer",
-        "detach",
+        "route",
     )
 
     def __init__(
         self,
         store: SessionStore,
+        quota: SessionQuota,
         *,
-        max_frame_bytes: int,
-        detach: bool = False,
-        max_sessions_per_identity: int = DEFAULT_MAX_SESSIONS_PER_IDENTITY,
+        max_event_bytes: int,
+        on_usage: Callable[[Usage], None],
+        route: WritePath | None = None,
     ) -> None:
         self._store = store
-        self._max_frame_bytes = max_frame_bytes
-        self._max_sessions = max_sessions_per_identity
+        self._quota = quota
+        self._max_event_bytes = max_event_bytes
+        self._on_usage = on_usage
         self._writer: SessionWriter | None = None
         self._rerouted = False
-        self._owner = ""  # Envoy's identity for the caller; "" when auth is off
-        self.detach = detach  # the route asked for the detached path (see envoy/envoy.yaml)
+        self._owner = ""  # the caller's owner key; "" when auth is off
+        self._slot: Slot | None = None  # this exchange's place in the caller's session quota
+        # A generation route's write path (see envoy/envoy.yaml); None on any other route.
+        self.route = route
 
     @property
     def session(self) -> SessionLog | None:
@@ -159,18 +168,16 @@ class StreamProcessor:
         # upstream call; on a detached route a POST (a generation) is made by the relay itself.
         if header_value(headers, LAST_EVENT_ID_HEADER) is not None:
             target = ROUTE_RESUME
-        elif self.detach and header_value(headers, ":method") == "POST":
+        elif self.route is WritePath.DETACHED and header_value(headers, ":method") == "POST":
             target = ROUTE_DETACHED
         else:
             try:
                 identity = header_value(headers, IDENTITY_HEADER)
                 self._owner = owner_key(identity, header_value(headers, JWT_PAYLOAD_HEADER))
+                if self.route is not None:  # a generation: its quota slot before the LLM call
+                    self._slot = self._quota.reserve(self._owner)
             except RelayError as error:
                 return _refuse(error)
-            if self._owner and self._store.open_sessions(self._owner) >= self._max_sessions:
-                return _refuse(
-                    LimitExceeded(f"{self._max_sessions} open sessions for this identity (limit)")
-                )
             return _CONTINUE_REQUEST
         self._rerouted = True
         mutation = HeaderMutation(set_headers=[_set_header(ROUTE_HEADER, target)])
@@ -186,20 +193,26 @@ class StreamProcessor:
         if self._rerouted or headers.end_of_stream or header_value(headers, ":status") != "200":
             return _CONTINUE_RESPONSE
         content_type = header_value(headers, "content-type") or ""
-        framer = framer_for(content_type, max_frame_bytes=self._max_frame_bytes)
-        if framer is None:
+        framing = framing_of(content_type)
+        if framing is None:
             return _CONTINUE_RESPONSE
+        if self._slot is None:  # a stream on another route: it counts from now on
+            try:
+                self._slot = self._quota.reserve(self._owner)
+            except RelayError as error:
+                return _refuse(error)
         log = self._store.create(
             content_type=content_type, write_path=WritePath.INLINE, owner=self._owner
         )
-        self._writer = SessionWriter(self._store, log, framer)
+        framer = new_framer(framing, max_frame_bytes=self._max_event_bytes)
+        self._writer = SessionWriter(self._store, log, framer, on_usage=self._on_usage)
         mutation = HeaderMutation(
             set_headers=[_set_header(SESSION_HEADER, log.session_id)],
             remove_headers=["content-length"],
         )
         return ProcessingResponse(
             response_headers=HeadersResponse(response=CommonResponse(header_mutation=mutation)),
-            mode_override=_STREAM_BODY,
+            mode_override=STREAM_BODY_MODE,
         )
 
     def on_response_body(self, body: HttpBody) -> ProcessingResponse:
@@ -209,9 +222,14 @@ class StreamProcessor:
         out = writer.feed(body.body)
         if body.end_of_stream:
             out += writer.close()
+            if self._slot is not None:
+                self._slot.release()  # the session is over: its quota slot is free again
         return _body(out)
 
     def finish(self, state: EndState, reason: str = "") -> None:
-        """End the session (if any and still open): called when the ext_proc stream goes away."""
+        """The ext_proc stream went away: end the session (if any and still open) and give
+        the quota slot back."""
         if self._writer is not None:
             self._store.end(self._writer.log, state, reason)
+        if self._slot is not None:
+            self._slot.release()

@@ -13,51 +13,44 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
 from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest, ProcessingResponse
 
-from extproc.access.grants import DEFAULT_MAX_SESSIONS_PER_IDENTITY
+from extproc.access.quota import SessionQuota
 from extproc.inline.processor import WRITE_PATH_METADATA, StreamProcessor
+from extproc.node.metrics import RelayMetrics
 from extproc.session.log import EndState
-from extproc.store import SessionStore
-
-# The ProcessingRequest oneof names (also the `phase` label of relay_processor_message_seconds).
-_KINDS = (
-    "request_headers",
-    "response_headers",
-    "request_body",
-    "response_body",
-    "request_trailers",
-    "response_trailers",
-)
+from extproc.store.base import SessionStore
+from extproc.vocabulary import WritePath
 
 
 class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     def __init__(
         self,
         store: SessionStore,
+        quota: SessionQuota,
+        metrics: RelayMetrics,
         *,
-        max_frame_bytes: int,
-        max_sessions_per_identity: int = DEFAULT_MAX_SESSIONS_PER_IDENTITY,
+        max_event_bytes: int,
     ) -> None:
         self._store = store
-        self._max_frame_bytes = max_frame_bytes
-        self._max_sessions = max_sessions_per_identity
-        # The timing histogram's child per message kind, looked up once, not per message.
-        timing = store.metrics.processor_message
-        self._timings = {kind: timing.labels(kind) for kind in _KINDS}
+        self._quota = quota
+        self._metrics = metrics
+        self._max_event_bytes = max_event_bytes
 
     async def Process(
         self,
         request_iterator: AsyncIterator[ProcessingRequest],
         context: grpc.aio.ServicerContext[ProcessingRequest, ProcessingResponse],
     ) -> AsyncIterator[ProcessingResponse]:
-        # Envoy's per-route ext_proc override names the route's write path in gRPC metadata.
-        metadata = dict(context.invocation_metadata() or ())
+        # Envoy's per-route ext_proc override names a generation route's write path.
+        route = dict(context.invocation_metadata() or ()).get(WRITE_PATH_METADATA)
+        metrics = self._metrics
         processor = StreamProcessor(
             self._store,
-            max_frame_bytes=self._max_frame_bytes,
-            detach=metadata.get(WRITE_PATH_METADATA) == "detached",
-            max_sessions_per_identity=self._max_sessions,
+            self._quota,
+            max_event_bytes=self._max_event_bytes,
+            on_usage=metrics.count_tokens,
+            route=WritePath(route) if route in tuple(WritePath) else None,
         )
-        timings = self._timings
+        timings = metrics.processor_message
         try:
             async for request in request_iterator:
                 started = time.perf_counter()
@@ -69,7 +62,7 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):  # type: ignor
             # Normal ends already closed the session; anything left open lost its client.
             session = processor.session
             if session is not None and session.state is EndState.OPEN:
-                self._store.metrics.client_disconnects.labels("inline").inc()
+                metrics.inline_client_gone()
             processor.finish(EndState.CANCELLED, "client disconnected")
 
 

@@ -1,37 +1,83 @@
-"""Relay node settings: keyword-only, named defaults, validated once at load."""
+"""Relay node settings: keyword-only, named defaults, validated once at load.
+
+Every setting is named as its flag (`--session-max-bytes` is `session_max_bytes`), so the
+command line, the TOML file, `up`'s hand-over to its relay processes and the code read one
+name. RELAY_FLAGS lists the ones `up` passes on to every `serve` it starts.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
 
-from extproc.access.grants import AccessLimits
+from extproc.access.quota import DEFAULT_MAX_SESSIONS_PER_IDENTITY
 from extproc.detached.generations import DetachSettings
 from extproc.errors import ConfigError
+from extproc.readers.registry import ReaderLimits
 from extproc.session.framing import DEFAULT_MAX_FRAME_BYTES
 from extproc.store import DEFAULT_LEASE_S, RedisSettings, StoreLimits
 
 DEFAULT_HOST = "127.0.0.1"
+DEFAULT_GRPC_PORT = 50051  # `serve`'s defaults; NodeSettings' own (0) pick free ports
+DEFAULT_HTTP_PORT = 8081
 MAX_PORT = 65535
+MIN_EVENT_BYTES = 1024
 
 
 @dataclass(frozen=True, kw_only=True)
 class NodeSettings:
     host: str = DEFAULT_HOST
-    grpc_port: int = 0  # ext_proc (and later relay.v1) over HTTP/2; 0 picks a free port
+    grpc_port: int = 0  # ext_proc and relay.v1 over HTTP/2; 0 picks a free port
     http_port: int = 0  # resumes, reader endpoints, /metrics, /healthz
-    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES  # largest upstream event we frame
-    store: StoreLimits = field(default_factory=StoreLimits)
-    store_url: str = "memory"  # or redis://host:port/db: sessions shared by several nodes
-    lease_s: float = DEFAULT_LEASE_S  # with Redis: a node silent this long is dead
+    store: str = "memory"  # or redis://host:port/db: sessions shared by several nodes
+    node_lease: float = DEFAULT_LEASE_S  # with Redis: a node silent this long is dead
+    max_event_bytes: int = DEFAULT_MAX_FRAME_BYTES  # largest upstream event we frame
+    max_sessions_per_identity: int = DEFAULT_MAX_SESSIONS_PER_IDENTITY
+    limits: StoreLimits = field(default_factory=StoreLimits)
     detach: DetachSettings = field(default_factory=DetachSettings)
-    access: AccessLimits = field(default_factory=AccessLimits)
+    readers: ReaderLimits = field(default_factory=ReaderLimits)
 
     def __post_init__(self) -> None:
         for name in ("grpc_port", "http_port"):
             port = getattr(self, name)
             if not 0 <= port <= MAX_PORT:
-                raise ConfigError(f"{name.replace('_', '-')} must be 0..{MAX_PORT}, got {port}")
-        if self.store_url != "memory":
-            RedisSettings(url=self.store_url, lease_s=self.lease_s)  # validates both
-        if self.max_frame_bytes < 1024:
-            raise ConfigError(f"max event bytes must be at least 1024, got {self.max_frame_bytes}")
+                raise ConfigError(f"--{name.replace('_', '-')} must be 0..{MAX_PORT}, got {port}")
+        if self.store != "memory":
+            RedisSettings(url=self.store, node_lease=self.node_lease)  # validates both
+        if self.max_event_bytes < MIN_EVENT_BYTES:
+            raise ConfigError(
+                f"--max-event-bytes must be at least {MIN_EVENT_BYTES}, got {self.max_event_bytes}"
+            )
+        if self.max_sessions_per_identity < 1:
+            raise ConfigError("--max-sessions-per-identity must be >= 1")
+
+    @classmethod
+    def from_flags(cls, flags: Mapping[str, Any]) -> NodeSettings:
+        """From parsed flags (argparse's namespace as a dict): each group takes its fields."""
+        own = {f.name for f in fields(cls) if f.name not in _GROUPS}
+        return cls(
+            **{name: flags[name] for name in own if name in flags},
+            limits=StoreLimits(**_pick(StoreLimits, flags)),
+            detach=DetachSettings(**_pick(DetachSettings, flags)),
+            readers=ReaderLimits(**_pick(ReaderLimits, flags)),
+        )
+
+
+_GROUPS = {"limits": StoreLimits, "detach": DetachSettings, "readers": ReaderLimits}
+_SET_BY_UP = {"host", "grpc_port", "http_port", "egress_url", "max_tombstones"}
+
+
+def _pick(group: type, flags: Mapping[str, Any]) -> dict[str, Any]:
+    return {f.name: flags[f.name] for f in fields(group) if f.name in flags}
+
+
+# The flags `up` passes on to each relay node it starts, as `serve` spells them.
+RELAY_FLAGS: tuple[str, ...] = tuple(
+    name
+    for name in (
+        *(f.name for f in fields(NodeSettings) if f.name not in _GROUPS),
+        *(f.name for group in _GROUPS.values() for f in fields(group)),
+    )
+    if name not in _SET_BY_UP
+)

@@ -1,13 +1,15 @@
 """The relay node process: the ext_proc gRPC server and the HTTP front on one event loop.
 
-Both share one session store (in memory, or Redis shared with other nodes). Ports may be 0
-(the OS picks); the bound ports are written to a ports file once the node is ready, so a
+This is where the parts meet: the store, the session quota, the reader registry and the
+detached generations are made here and handed to each other and to the fronts. Ports may be
+0 (the OS picks); the bound ports are written to a ports file once the node is ready, so a
 supervisor never races on a guessed port.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -21,12 +23,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 
+from extproc.access.quota import SessionQuota
 from extproc.detached.generations import Generations
 from extproc.inline import service
 from extproc.node.config import NodeSettings
 from extproc.node.metrics import RelayMetrics
 from extproc.readers import grpc_relay
 from extproc.readers.app import make_app
+from extproc.readers.http import Node
+from extproc.readers.registry import ReaderRegistry
 from extproc.store import SessionStore, open_store
 
 log = logging.getLogger("stream_relay.node")
@@ -41,11 +46,15 @@ class RunningNode:
     http_port: int
     store: SessionStore
     generations: Generations
+    background: asyncio.Task[None]
 
     async def stop(self, grace: float = GRACE_S) -> None:
         await self.grpc_server.stop(grace)
         await self.generations.close()
         await self.http_runner.cleanup()
+        self.background.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.background
         await self.store.close()  # last: ended generations are copied to a shared store
 
 
@@ -53,25 +62,31 @@ async def start_node(settings: NodeSettings) -> RunningNode:
     registry = CollectorRegistry()
     for collector in (ProcessCollector, PlatformCollector, GCCollector):
         collector(registry=registry)  # process CPU, memory, fds, GC: next to the relay's own
+    metrics = RelayMetrics(registry)
     store = open_store(
-        settings.store_url, settings.store, lease_s=settings.lease_s, metrics=RelayMetrics(registry)
+        settings.store, settings.limits, metrics=metrics, node_lease=settings.node_lease
     )
-    await store.start()
+    quota = SessionQuota(settings.max_sessions_per_identity)
     generations = Generations(
-        store, settings.detach, max_frame_bytes=settings.max_frame_bytes, access=settings.access
+        store, settings.detach, metrics, max_event_bytes=settings.max_event_bytes
     )
+
+    def readers_changed(session_id: str, readers: int) -> None:
+        store.readers_changed(session_id)  # a shared store tells the other nodes
+        generations.readers_changed(session_id, readers)  # the detached grace period
+
+    readers = ReaderRegistry(settings.readers, metrics, on_change=readers_changed)
+    await store.start(on_cancel=generations.cancel, reader_counts=readers.counts)
+    background = asyncio.create_task(readers.watch_shares(store.valid_shares))
+
     server = grpc.aio.server()
     service.add_to_server(
-        service.ExternalProcessor(
-            store,
-            max_frame_bytes=settings.max_frame_bytes,
-            max_sessions_per_identity=settings.access.max_sessions_per_identity,
-        ),
+        service.ExternalProcessor(store, quota, metrics, max_event_bytes=settings.max_event_bytes),
         server,
     )
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    grpc_relay.add_to_server(grpc_relay.RelayServicer(store, generations), server)
+    grpc_relay.add_to_server(grpc_relay.RelayServicer(store, readers, metrics), server)
     reflection.enable_server_reflection(
         (grpc_relay.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
@@ -82,7 +97,7 @@ async def start_node(settings: NodeSettings) -> RunningNode:
     # handler_cancellation: a reader whose client went away stops counting at once, which
     # is what starts a detached generation's grace period.
     runner = web.AppRunner(
-        make_app(store, generations),
+        make_app(Node(store, readers, generations, quota, metrics)),
         access_log=None,
         handle_signals=False,
         handler_cancellation=True,
@@ -91,7 +106,7 @@ async def start_node(settings: NodeSettings) -> RunningNode:
     site = web.TCPSite(runner, settings.host, settings.http_port)
     await site.start()
     http_port = runner.addresses[0][1]
-    return RunningNode(server, runner, grpc_port, http_port, store, generations)
+    return RunningNode(server, runner, grpc_port, http_port, store, generations, background)
 
 
 def write_ports_file(path: Path, ports: dict[str, int]) -> None:

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from extproc.errors import ConfigError
 from extproc.ops.envoy_security import NO_SECURITY, EnvoySecurity
+from extproc.vocabulary import WritePath
 
 TEMPLATE_NAME = "envoy.yaml"
 _TLS_BLOCK = """\
@@ -77,7 +78,6 @@ class EnvoyPorts:
         return ((self.relay_grpc_port, self.relay_http_port), *self.more_relays)
 
 
-WRITE_PATHS = ("detached", "inline")
 _ENDPOINT = """\
         - endpoint:
             address:
@@ -105,8 +105,9 @@ def render(
 ) -> str:
     """The config for one stack; `security` adds authentication, TLS, the LLM credential and
     Envoy's limits (extproc/envoy_security.py). Without it the template renders as before."""
-    if write_path not in WRITE_PATHS:
-        raise ConfigError(f"write path must be one of {', '.join(WRITE_PATHS)}, got {write_path!r}")
+    if write_path not in tuple(WritePath):
+        choices = ", ".join(WritePath)
+        raise ConfigError(f"write path must be one of {choices}, got {write_path!r}")
     return Template(template_text()).substitute(
         EGRESS_PORT=ports.egress_port,
         GENERATION_WRITE_PATH=write_path,

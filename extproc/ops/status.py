@@ -15,13 +15,11 @@ from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from extproc.vocabulary import ENDED, ReaderProtocol, ResumeOutcome, WritePath
+
 DEFAULT_METRICS_URL = "http://127.0.0.1:8081/metrics"
 DEFAULT_INTERVAL_S = 1.0
 FETCH_TIMEOUT_S = 5.0
-PROTOCOLS = ("http", "sse", "ws", "grpc")  # always shown, so a zero is visible
-WRITE_PATHS = ("detached", "inline")
-END_STATES = ("done", "cancelled", "failed")
-RESUME_OUTCOMES = ("hit", "unknown", "expired", "forbidden", "malformed")
 
 # sample name -> every (labels, value) of it
 Samples = dict[str, list[tuple[dict[str, str], float]]]
@@ -108,16 +106,16 @@ def summarize(before: Samples, after: Samples, elapsed: float, url: str) -> Stat
     return Status(
         url=url,
         interval_s=elapsed,
-        sessions_active=by_label(after, "relay_sessions_active", "write_path", WRITE_PATHS),
+        sessions_active=by_label(after, "relay_sessions_active", "write_path", tuple(WritePath)),
         sessions_started=total(after, "relay_sessions_started_total"),
-        sessions_ended=by_label(after, "relay_sessions_ended_total", "state", END_STATES),
+        sessions_ended=by_label(after, "relay_sessions_ended_total", "state", ENDED),
         generations_running=total(after, "relay_generations_running"),
-        readers=by_label(after, "relay_readers_active", "protocol", PROTOCOLS),
+        readers=by_label(after, "relay_readers_active", "protocol", tuple(ReaderProtocol)),
         events_per_s=_rate(before, after, "relay_events_total", elapsed),
         events_total=total(after, "relay_events_total"),
         disconnects=total(after, "relay_client_disconnects_total"),
         reconnects=total(after, "relay_client_reconnects_total"),
-        resumes=by_label(after, "relay_resumes_total", "outcome", RESUME_OUTCOMES),
+        resumes=by_label(after, "relay_resumes_total", "outcome", tuple(ResumeOutcome)),
         store_bytes=total(after, "relay_store_bytes"),
         store_capacity_bytes=total(after, "relay_store_capacity_bytes"),
         store_sessions=total(after, "relay_store_sessions"),

@@ -137,7 +137,7 @@ class Stack:
         return next((c for c in self.children if c.process.poll() is not None), None)
 
 
-def _wait_until(what: str, child: Child, probe: Callable[[], bool]) -> None:
+def wait_until(what: str, child: Child, probe: Callable[[], bool]) -> None:
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         if child.process.poll() is not None:
@@ -151,7 +151,7 @@ def _wait_until(what: str, child: Child, probe: Callable[[], bool]) -> None:
     raise StartupError(f"{child.name}: timed out after {READY_TIMEOUT_S:.0f}s waiting for {what}")
 
 
-def _read_ports(path: Path) -> dict[str, int] | None:
+def read_ports(path: Path) -> dict[str, int] | None:
     try:
         return dict(json.loads(path.read_text()))
     except (OSError, ValueError):
@@ -195,13 +195,13 @@ def start_envoy(stack: Stack, config_path: Path, *, log_level: str = "warning") 
             str(admin_path),
         ],
     )
-    _wait_until(
+    wait_until(
         "its admin address",
         envoy,
         lambda: admin_path.is_file() and bool(admin_path.read_text().strip()),
     )
     stack.admin_url = f"http://{admin_path.read_text().strip()}"
-    _wait_until("ready", envoy, lambda: http_ok(f"{stack.admin_url}/ready"))
+    wait_until("ready", envoy, lambda: http_ok(f"{stack.admin_url}/ready"))
     port = _envoy_listener_port(stack.admin_url)
     if port is None:
         raise StartupError("envoy is ready but reports no 'public' listener")
@@ -215,8 +215,8 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def _python_child(*args: str) -> list[str]:
-    return [sys.executable, "-m", "extproc.ops.cli", *args]
+def python_child(*args: str) -> list[str]:
+    return [sys.executable, "-m", "extproc", *args]
 
 
 def start_stack(options: StackOptions, workdir: Path | None = None) -> Stack:
@@ -254,7 +254,7 @@ def _start(stack: Stack, options: StackOptions) -> None:
         ports_file = stack.workdir / "upstream.ports"
         child = stack.spawn(
             "demo-upstream",
-            _python_child(
+            python_child(
                 "demo-upstream",
                 "--port",
                 "0",
@@ -265,9 +265,9 @@ def _start(stack: Stack, options: StackOptions) -> None:
                 *require_key,
             ),
         )
-        _wait_until("its ports file", child, lambda: _read_ports(ports_file) is not None)
-        stack.upstream_url = f"http://{host}:{(_read_ports(ports_file) or {})['http_port']}"
-        _wait_until("healthy", child, lambda: http_ok(f"{stack.upstream_url}/healthz"))
+        wait_until("its ports file", child, lambda: read_ports(ports_file) is not None)
+        stack.upstream_url = f"http://{host}:{(read_ports(ports_file) or {})['http_port']}"
+        wait_until("healthy", child, lambda: http_ok(f"{stack.upstream_url}/healthz"))
     else:
         stack.upstream_url = options.upstream
     upstream = Upstream.from_url(stack.upstream_url)
@@ -308,7 +308,7 @@ def _start_relay(stack: Stack, options: StackOptions, index: int) -> tuple[int, 
     ports_file = stack.workdir / f"{name}.ports"
     relay = stack.spawn(
         name,
-        _python_child(
+        python_child(
             "serve",
             *("--grpc-port", "0", "--http-port", "0"),
             *("--egress-url", stack.egress_url),
@@ -316,10 +316,10 @@ def _start_relay(stack: Stack, options: StackOptions, index: int) -> tuple[int, 
             *options.relay_args,
         ),
     )
-    _wait_until("its ports file", relay, lambda: _read_ports(ports_file) is not None)
-    ports = _read_ports(ports_file) or {}
+    wait_until("its ports file", relay, lambda: read_ports(ports_file) is not None)
+    ports = read_ports(ports_file) or {}
     http_url = f"http://127.0.0.1:{ports['http_port']}"
-    _wait_until("healthy", relay, lambda: http_ok(f"{http_url}/healthz"))
+    wait_until("healthy", relay, lambda: http_ok(f"{http_url}/healthz"))
     stack.relay_http_urls.append(http_url)
     return ports["grpc_port"], ports["http_port"]
 

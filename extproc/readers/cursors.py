@@ -7,11 +7,13 @@ any other and every front counts resume outcomes the same way.
 from __future__ import annotations
 
 from extproc.access.grants import Access
-from extproc.errors import MalformedEventId, SessionGone, SessionNotFound
+from extproc.errors import AccessDenied, MalformedEventId, SessionGone, SessionNotFound
+from extproc.node.metrics import RelayMetrics
 from extproc.session.framing import sse_data, sse_event_name
 from extproc.session.ids import EventId, parse_event_id
 from extproc.session.log import Cursor, EndState, SessionLog
-from extproc.store import SessionStore
+from extproc.store.base import SessionStore
+from extproc.vocabulary import Framing, ReaderProtocol, ResumeOutcome
 
 
 async def open_cursor(store: SessionStore, event_id: EventId, access: Access) -> Cursor:
@@ -28,41 +30,43 @@ async def open_cursor(store: SessionStore, event_id: EventId, access: Access) ->
     return Cursor(log, event_id.seq)
 
 
+_OUTCOMES: tuple[tuple[type[Exception], ResumeOutcome], ...] = (
+    (MalformedEventId, ResumeOutcome.MALFORMED),
+    (AccessDenied, ResumeOutcome.FORBIDDEN),  # before its base class: the same 404 to clients
+    (SessionNotFound, ResumeOutcome.UNKNOWN),
+    (SessionGone, ResumeOutcome.EXPIRED),
+)
+
+
 async def resume_cursor(
     store: SessionStore,
+    metrics: RelayMetrics,
     text: str,
     access: Access,
     *,
-    protocol: str,
+    protocol: ReaderProtocol,
     session_id: str | None = None,
 ) -> Cursor:
     """A cursor for a client that came back with an event id; counts the outcome.
 
     `session_id`, when the path already names the session, must match the id's session.
     """
-    resumes = store.metrics.resumes
     try:
         event_id = parse_event_id(text)
         if session_id is not None and event_id.session != session_id:
             raise MalformedEventId("the event id belongs to another session")
         cursor = await open_cursor(store, event_id, access)
-    except MalformedEventId:
-        resumes.labels("malformed").inc()
+    except (MalformedEventId, SessionNotFound, SessionGone) as error:
+        outcome = next(o for kind, o in _OUTCOMES if isinstance(error, kind))
+        metrics.resumed(outcome, protocol)
         raise
-    except SessionNotFound:
-        resumes.labels("unknown").inc()
-        raise
-    except SessionGone:
-        resumes.labels("expired").inc()
-        raise
-    resumes.labels("hit").inc()
-    store.metrics.client_reconnects.labels(protocol).inc()
+    metrics.resumed(ResumeOutcome.HIT, protocol)
     return cursor
 
 
 def event_fields(log: SessionLog, raw: bytes) -> tuple[str | None, str]:
     """A logged event for readers that get fields, not bytes: (SSE event name, data as the
     WHATWG parser builds it). An NDJSON line has no name; its data is the line, no line end."""
-    if log.content_type.startswith("text/event-stream"):
+    if log.framing is Framing.SSE:
         return sse_event_name(raw), (sse_data(raw) or b"").decode("utf-8", "replace")
     return None, raw.removesuffix(b"\n").removesuffix(b"\r").decode("utf-8", "replace")

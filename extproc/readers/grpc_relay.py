@@ -1,9 +1,9 @@
 """The gRPC front: `relay.v1.Relay/Subscribe`, a server stream of one session's events.
 
-The reader is a Cursor (history, then live) counted by `Generations.reading`; gRPC flow
-control paces it (each yield waits for the write). `after` is an event id from any front.
-A stream that reads to the end sends one `End`, then status OK; errors are mapped here, once,
-to the error's gRPC code (unknown or gone: NOT_FOUND, malformed: INVALID_ARGUMENT, ...).
+gRPC flow control paces the reader (each yield waits for the write). `after` is an event id
+from any front. A stream that reads to the end sends one `End`, then status OK; errors are
+mapped here, once, to the error's gRPC code (unknown or gone: NOT_FOUND, malformed:
+INVALID_ARGUMENT, ...).
 """
 
 from __future__ import annotations
@@ -14,14 +14,16 @@ import grpc
 
 from extproc.access.grants import SHARE_HEADER, Access
 from extproc.access.identity import IDENTITY_HEADER, JWT_PAYLOAD_HEADER, owner_key
-from extproc.detached.generations import Generations
-from extproc.errors import MalformedEventId, RelayError
+from extproc.errors import InvalidArgument, RelayError
+from extproc.node.metrics import RelayMetrics
 from extproc.proto.relay.v1 import relay_pb2, relay_pb2_grpc
 from extproc.proto.relay.v1.relay_pb2 import End, Event, SubscribeRequest, SubscribeResponse
 from extproc.readers.cursors import event_fields, open_cursor, resume_cursor
+from extproc.readers.registry import ReaderRegistry
 from extproc.session.ids import EventId, format_event_id, is_session_id
 from extproc.session.log import Cursor, SessionLog
-from extproc.store import SessionStore
+from extproc.store.base import SessionStore
+from extproc.vocabulary import ReaderProtocol
 
 SERVICE_NAME = relay_pb2.DESCRIPTOR.services_by_name["Relay"].full_name  # for reflection
 _Context = grpc.aio.ServicerContext[SubscribeRequest, SubscribeResponse]
@@ -39,46 +41,44 @@ def _end(log: SessionLog) -> SubscribeResponse:
     )
 
 
-class RelayServicer(relay_pb2_grpc.RelayServicer):
-    def __init__(self, store: SessionStore, generations: Generations) -> None:
-        self._store = store
-        self._generations = generations
+def _access(context: _Context) -> Access:
+    # Envoy's identity and a share token arrive as metadata (gRPC's headers).
+    metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+    owner = owner_key(metadata.get(IDENTITY_HEADER), metadata.get(JWT_PAYLOAD_HEADER))
+    return Access.of(owner, metadata.get(SHARE_HEADER))
 
-    @staticmethod
-    def _access(context: _Context) -> Access:
-        # Envoy's identity and a share token arrive as metadata (gRPC's headers).
-        metadata = {
-            key: value
-            for key, value in context.invocation_metadata() or ()
-            if isinstance(value, str)
-        }
-        owner = owner_key(metadata.get(IDENTITY_HEADER), metadata.get(JWT_PAYLOAD_HEADER))
-        return Access.of(owner, metadata.get(SHARE_HEADER))
+
+class RelayServicer(relay_pb2_grpc.RelayServicer):
+    def __init__(self, store: SessionStore, readers: ReaderRegistry, metrics: RelayMetrics) -> None:
+        self._store = store
+        self._readers = readers
+        self._metrics = metrics
 
     async def _cursor(self, request: SubscribeRequest, access: Access) -> Cursor:
         if request.after:  # `session` may be left empty: the id names it
-            session = request.session or None
             return await resume_cursor(
-                self._store, request.after, access, protocol="grpc", session_id=session
+                self._store,
+                self._metrics,
+                request.after,
+                access,
+                protocol=ReaderProtocol.GRPC,
+                session_id=request.session or None,
             )
         if not is_session_id(request.session):
-            raise MalformedEventId("session ids are 22 URL-safe characters")
+            raise InvalidArgument("session ids are 22 URL-safe characters")
         return await open_cursor(self._store, EventId(request.session, 0), access)  # new reader
 
     async def Subscribe(
         self, request: SubscribeRequest, context: _Context
     ) -> AsyncIterator[SubscribeResponse]:
         try:
-            access = self._access(context)
+            access = _access(context)
             cursor = await self._cursor(request, access)
             log = cursor.log
-            metrics = self._store.metrics
-            with self._generations.reading(cursor, protocol="grpc", identity=access.identity):
-                async for batch in cursor.batches():
-                    first = cursor.seq - len(batch) + 1
+            with self._readers.attach(cursor, ReaderProtocol.GRPC, access) as reader:
+                async for first, batch in reader.batches():
                     for i, raw in enumerate(batch):
                         yield _event(log, first + i, raw)
-                    metrics.reader_wrote("grpc", len(batch), log.last_seq - cursor.seq)
             yield _end(log)
         except RelayError as error:  # the one mapping from the error tree to gRPC
             await context.abort(error.grpc_code, error.message)

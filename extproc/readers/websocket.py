@@ -1,9 +1,9 @@
 """The WebSocket front: `GET /relay/v1/sessions/{id}/ws`, one JSON text message per event.
 
-The reader is a Cursor (history, then live) counted by `Generations.reading`; aiohttp's send
-drain is its only buffer. Errors found before the upgrade are the HTTP front's JSON errors;
-after it the stream ends with `{"type": "end"}` and close 1000, or `{"type": "error"}` and
-close 1011 if the store dropped the log. A client that leaves stops the reader at once.
+aiohttp's send drain is the reader's only buffer. Errors found before the upgrade are the
+HTTP JSON errors (the middleware); after it the stream ends with `{"type": "end"}` and close
+1000, or `{"type": "error"}` and close 1011 if the log is lost or no longer readable (a
+revoked share token). A client that leaves stops the reader at once.
 """
 
 from __future__ import annotations
@@ -13,19 +13,13 @@ import json
 
 from aiohttp import WSCloseCode, web
 
-from extproc.errors import RelayError, SessionGone
-from extproc.node.metrics import RelayMetrics
+from extproc.errors import RelayError
 from extproc.readers.cursors import event_fields
-from extproc.readers.original import (
-    GENERATIONS_KEY,
-    STORE_KEY,
-    access_of,
-    error_response,
-    reader_cursor,
-    session_from_path,
-)
+from extproc.readers.http import access_of, node_of, reader_cursor, session_from_path
+from extproc.readers.registry import Reader
 from extproc.session.ids import format_event_id
-from extproc.session.log import Cursor, SessionLog
+from extproc.session.log import SessionLog
+from extproc.vocabulary import ReaderProtocol
 
 HEARTBEAT_S = 20.0  # ping period; a peer that misses the pong (half a period) is dropped
 MAX_CLIENT_MESSAGE_BYTES = 4096  # clients have nothing to say; a bigger message closes (1009)
@@ -38,18 +32,14 @@ def _event_message(log: SessionLog, seq: int, raw: bytes) -> str:
     return json.dumps(message, separators=(",", ":"))
 
 
-async def _send_log(
-    ws: web.WebSocketResponse, cursor: Cursor, metrics: RelayMetrics
-) -> WSCloseCode:
+async def _send_log(ws: web.WebSocketResponse, reader: Reader) -> WSCloseCode:
     """Every event after the cursor, then how the session ended; returns the close code."""
-    log = cursor.log
+    log = reader.cursor.log
     try:
-        async for batch in cursor.batches():
-            first = cursor.seq - len(batch) + 1
+        async for first, batch in reader.batches():
             for i, raw in enumerate(batch):
                 await ws.send_str(_event_message(log, first + i, raw))  # drains: reader's pace
-            metrics.reader_wrote("ws", len(batch), log.last_seq - cursor.seq)
-    except SessionGone as exc:
+    except RelayError as exc:  # gone, or no longer readable
         await ws.send_json({"type": "error", "code": exc.code, "message": exc.message})
         return WSCloseCode.INTERNAL_ERROR
     end = {"type": "end", "state": log.state.value, "reason": log.reason, "last_seq": log.last_seq}
@@ -64,9 +54,9 @@ async def _until_peer_leaves(ws: web.WebSocketResponse) -> None:
         pass
 
 
-async def _serve(ws: web.WebSocketResponse, cursor: Cursor, metrics: RelayMetrics) -> None:
+async def _serve(ws: web.WebSocketResponse, reader: Reader) -> None:
     """Send the log and watch the peer; whichever ends first stops the other."""
-    sending = asyncio.create_task(_send_log(ws, cursor, metrics))
+    sending = asyncio.create_task(_send_log(ws, reader))
     watching = asyncio.create_task(_until_peer_leaves(ws))
     try:
         await asyncio.wait((sending, watching), return_when=asyncio.FIRST_COMPLETED)
@@ -86,13 +76,10 @@ async def _serve(ws: web.WebSocketResponse, cursor: Cursor, metrics: RelayMetric
 
 async def websocket(request: web.Request) -> web.StreamResponse:
     """GET /relay/v1/sessions/{id}/ws[?after=<event id>]."""
-    try:
-        cursor = await reader_cursor(request, session_from_path(request), protocol="ws")
-        identity = access_of(request).identity
-        with request.app[GENERATIONS_KEY].reading(cursor, protocol="ws", identity=identity):
-            ws = web.WebSocketResponse(heartbeat=HEARTBEAT_S, max_msg_size=MAX_CLIENT_MESSAGE_BYTES)
-            await ws.prepare(request)
-            await _serve(ws, cursor, request.app[STORE_KEY].metrics)
-            return ws
-    except RelayError as error:  # only ever before the upgrade: _serve handles SessionGone
-        return error_response(error)
+    access = access_of(request)
+    cursor = await reader_cursor(request, session_from_path(request), access, ReaderProtocol.WS)
+    with node_of(request).readers.attach(cursor, ReaderProtocol.WS, access) as reader:
+        ws = web.WebSocketResponse(heartbeat=HEARTBEAT_S, max_msg_size=MAX_CLIENT_MESSAGE_BYTES)
+        await ws.prepare(request)
+        await _serve(ws, reader)
+        return ws

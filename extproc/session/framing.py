@@ -6,9 +6,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from extproc.vocabulary import Framing
+
 DEFAULT_MAX_FRAME_BYTES = 1 << 20
 _BOM = b"\xef\xbb\xbf"
-_NDJSON_TYPES = frozenset({"application/x-ndjson", "application/jsonl"})
+_FRAMINGS = {
+    "text/event-stream": Framing.SSE,
+    "application/x-ndjson": Framing.NDJSON,
+    "application/jsonl": Framing.NDJSON,
+}
 # A blank line starts where one line end is directly followed by another: LF LF, LF CR or CR CR
 # (a CR followed by LF is one CRLF). The search helpers find that two-byte marker.
 _BLANK = re.compile(rb"\n[\r\n]|\r\r")
@@ -148,16 +154,18 @@ class NdjsonFramer(_Framer):
         return Frame(raw, not raw.isspace()) if raw else None
 
 
-def framer_for(
-    content_type: str, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
-) -> SseFramer | NdjsonFramer | None:
-    """The framer for a response Content-Type, or None when the body is not a supported stream."""
-    mime = content_type.partition(";")[0].strip().lower()
-    if mime == "text/event-stream":
+def framing_of(content_type: str) -> Framing | None:
+    """How a response with this Content-Type is framed, or None when it is not a stream the
+    relay frames. Media types are case-insensitive (RFC 9110 §8.3.1)."""
+    return _FRAMINGS.get(content_type.partition(";")[0].strip().lower())
+
+
+def new_framer(
+    framing: Framing, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+) -> SseFramer | NdjsonFramer:
+    if framing is Framing.SSE:
         return SseFramer(max_frame_bytes=max_frame_bytes)
-    if mime in _NDJSON_TYPES:
-        return NdjsonFramer(max_frame_bytes=max_frame_bytes)
-    return None
+    return NdjsonFramer(max_frame_bytes=max_frame_bytes)
 
 
 def _lf_lf(buf: bytes | bytearray, pos: int, end: int) -> int:

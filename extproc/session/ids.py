@@ -12,6 +12,10 @@ from dataclasses import dataclass
 
 from extproc.errors import MalformedEventId
 
+# The response header that gives a client its session id, and the request header that brings
+# an event id back (the browser's EventSource sends it on reconnect; so can any client).
+SESSION_HEADER = "x-relay-session"
+LAST_EVENT_ID_HEADER = "last-event-id"
 SESSION_ID_BYTES = 16
 MAX_EVENT_ID_LENGTH = 64
 _SESSION_RE = re.compile(r"[A-Za-z0-9_-]{22}")

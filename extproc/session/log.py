@@ -10,22 +10,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from enum import StrEnum
 
-from extproc.errors import SessionGone
+from extproc.errors import RelayError, SessionGone
+from extproc.session.framing import framing_of
+from extproc.vocabulary import EndState, Framing, WritePath
 
-
-class EndState(StrEnum):
-    OPEN = "open"
-    DONE = "done"
-    CANCELLED = "cancelled"
-    FAILED = "failed"
-
-
-class WritePath(StrEnum):
-    INLINE = "inline"
-    DETACHED = "detached"
-
+__all__ = ["Cursor", "EndState", "SessionLog", "WritePath"]
 
 # A reader's write: at most this many events and about this many bytes.
 DEFAULT_BATCH_EVENTS = 256
@@ -44,6 +34,7 @@ class SessionLog:
         "content_type",
         "created_at",
         "ended_at",
+        "framing",
         "gone_reason",
         "last_append_at",
         "nbytes",
@@ -60,6 +51,10 @@ class SessionLog:
     ) -> None:
         self.session_id = session_id
         self.content_type = content_type
+        framing = framing_of(content_type)
+        if framing is None:
+            raise ValueError(f"not a stream the relay frames: {content_type!r}")
+        self.framing: Framing = framing  # derived once; every reader asks the log
         self.write_path = write_path
         self.owner = owner  # the identity that created it ("" when auth is off)
         self.created_at = time.monotonic()
@@ -107,11 +102,16 @@ class SessionLog:
         return self._events[seq : seq + limit]
 
     async def wait_beyond(self, seq: int) -> None:
-        """Return once there is an event after `seq`, the log has ended, or it was dropped."""
-        while seq >= len(self._events) and self.state is EndState.OPEN and not self.gone_reason:
+        """Return once there is an event after `seq`, the log has ended, or it was dropped (or
+        someone called wake())."""
+        if seq >= len(self._events) and self.state is EndState.OPEN and not self.gone_reason:
             if self._changed is None:
                 self._changed = asyncio.get_running_loop().create_future()
             await asyncio.shield(self._changed)
+
+    def wake(self) -> None:
+        """Wake every cursor waiting on this log, e.g. so one of them sees it was closed."""
+        self._wake()
 
     def _wake(self) -> None:
         if self._changed is not None:
@@ -123,7 +123,7 @@ class SessionLog:
 class Cursor:
     """A reader's position on a log. Yields batches of event bytes, history first, then live."""
 
-    __slots__ = ("_log", "batch_bytes", "batch_limit", "seq")
+    __slots__ = ("_closed", "_log", "batch_bytes", "batch_limit", "seq")
 
     def __init__(
         self,
@@ -137,15 +137,23 @@ class Cursor:
         self.seq = after
         self.batch_limit = batch_limit
         self.batch_bytes = batch_bytes
+        self._closed: RelayError | None = None
 
     @property
     def log(self) -> SessionLog:
         return self._log
 
+    def close(self, error: RelayError) -> None:
+        """Stop this reader (e.g. its share token was revoked): its next step raises `error`."""
+        self._closed = error
+        self._log.wake()
+
     async def batches(self) -> AsyncIterator[list[bytes]]:
         """Yield until the log ends; raises SessionGone if the store drops it meanwhile."""
         log = self._log
         while True:
+            if self._closed is not None:
+                raise self._closed
             batch = log.events_after(self.seq, self.batch_limit)
             if batch:
                 batch = self._cap_bytes(batch)

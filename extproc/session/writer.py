@@ -7,22 +7,39 @@ clients receive it, so replayed bytes equal live bytes.
 
 from __future__ import annotations
 
-import json
+from collections.abc import Callable
+from typing import Protocol
 
 from extproc.session.framing import Frame, FrameTooLarge, NdjsonFramer, SseFramer, sse_data, tag_sse
 from extproc.session.ids import format_event_id
 from extproc.session.log import EndState, SessionLog
-from extproc.store import SessionStore
+from extproc.session.usage import Usage, may_report_usage, parse_usage
+
+
+class LogSink(Protocol):
+    """Where a writer's events and end go: the session store's writer side."""
+
+    def append(self, log: SessionLog, events: list[bytes]) -> bool: ...
+
+    def end(self, log: SessionLog, state: EndState, reason: str = "") -> None: ...
 
 
 class SessionWriter:
-    __slots__ = ("_framer", "_store", "_tag", "log")
+    __slots__ = ("_framer", "_on_usage", "_store", "_tag", "log")
 
-    def __init__(self, store: SessionStore, log: SessionLog, framer: SseFramer | NdjsonFramer):
+    def __init__(
+        self,
+        store: LogSink,
+        log: SessionLog,
+        framer: SseFramer | NdjsonFramer,
+        *,
+        on_usage: Callable[[Usage], None],
+    ) -> None:
         self._store = store
         self.log = log
         self._framer: SseFramer | NdjsonFramer | None = framer
         self._tag = isinstance(framer, SseFramer)  # NDJSON lines cannot carry an id in-band
+        self._on_usage = on_usage  # the upstream's token counts, as it reports them
 
     def feed(self, data: bytes) -> bytes:
         """Frame a chunk; return the bytes the client should get for it (events tagged)."""
@@ -53,35 +70,6 @@ class SessionWriter:
             self._store.end(self.log, EndState.DONE)
         return out
 
-    def _count_usage(self, raw: bytes) -> None:
-        """Token counts from the upstream's own report: OpenAI's usage chunk, Anthropic's
-        message_start / message_delta, Ollama's final line. Unparseable reports are ignored."""
-        data = sse_data(raw) if self._tag else raw
-        try:
-            doc = json.loads(data or b"")
-        except ValueError:
-            return
-        if not isinstance(doc, dict):
-            return
-        nested = doc.get("message")
-        message: dict[str, object] = nested if isinstance(nested, dict) else {}
-        usage = doc.get("usage") or message.get("usage") or {}
-        if not isinstance(usage, dict):
-            return
-        prompt = (
-            usage.get("prompt_tokens") or usage.get("input_tokens") or doc.get("prompt_eval_count")
-        )
-        completion = (
-            usage.get("completion_tokens") or usage.get("output_tokens") or doc.get("eval_count")
-        )
-        model = doc.get("model") or message.get("model") or "unknown"
-        if isinstance(prompt, int) or isinstance(completion, int):
-            self._store.metrics.count_tokens(
-                str(model)[:128],
-                prompt if isinstance(prompt, int) else 0,
-                completion if isinstance(completion, int) else 0,
-            )
-
     def _emit(self, frames: list[Frame]) -> bytes:
         log = self.log
         if log.state is not EndState.OPEN or log.gone_reason:
@@ -95,8 +83,10 @@ class SessionWriter:
                 continue
             seq += 1
             raw = frame.raw
-            if b'"usage"' in raw or b'"eval_count"' in raw:
-                self._count_usage(raw)
+            if may_report_usage(raw):
+                usage = parse_usage((sse_data(raw) or b"") if self._tag else raw)
+                if usage is not None:
+                    self._on_usage(usage)
             if self._tag:
                 raw = tag_sse(raw, format_event_id(log.session_id, seq))
             kept.append(raw)

@@ -7,17 +7,10 @@ from collections.abc import Callable
 from typing import Protocol
 
 from extproc.access.grants import OPEN, Access, ShareRecord
-from extproc.node.metrics import RelayMetrics
 from extproc.session.log import EndState, SessionLog, WritePath
 
 
 class SessionStore(Protocol):
-    metrics: RelayMetrics
-    # Set by the node: stop a generation this node runs (a cancel sent through another node),
-    # and how many readers each session has on this node (a shared store tells the others).
-    on_cancel: Callable[[str], bool]
-    reader_counts: Callable[[], dict[str, int]]
-
     def create(
         self, *, content_type: str, write_path: WritePath, owner: str = ""
     ) -> SessionLog: ...
@@ -34,13 +27,15 @@ class SessionStore(Protocol):
         caller saw, worth a short wait for a copy that lags its writer."""
         ...
 
-    def open_sessions(self, owner: str) -> int:
-        """Open sessions this node writes for `owner` (the per-identity limit)."""
+    async def add_share(self, session_id: str, token_id: str, record: ShareRecord) -> None:
+        """Keep a share token's record; expired ones give their slot back first."""
         ...
 
-    async def add_share(self, session_id: str, token_id: str, record: ShareRecord) -> None: ...
-
     async def revoke_share(self, session_id: str, token_id: str) -> bool: ...
+
+    async def valid_shares(self, shares: set[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Of these (session id, token id) pairs, those neither revoked nor expired."""
+        ...
 
     def readers_changed(self, session_id: str) -> None:
         """A reader started or stopped on this node (shared stores announce it)."""
@@ -54,6 +49,15 @@ class SessionStore(Protocol):
         """Readers of this session on other nodes (as they last announced)."""
         ...
 
-    async def start(self) -> None: ...
+    async def start(
+        self,
+        *,
+        on_cancel: Callable[[str], bool] = lambda session_id: False,
+        reader_counts: Callable[[], dict[str, int]] = dict,
+    ) -> None:
+        """Start background work. The node passes how to stop a generation this node runs (a
+        cancel sent through another node) and this node's readers per session (which a
+        shared store tells the other nodes)."""
+        ...
 
     async def close(self) -> None: ...

@@ -1,53 +1,63 @@
 """The embedded session store: logs in this process, bounded by total bytes and a TTL.
 
 Eviction is least-recently-used by bytes (cachetools computes each log's size); a finished
-session also expires `ended_ttl_s` after its end. A dropped session leaves a small
-tombstone so that its readers get 410 Gone, not 404: lost history is said out loud.
+session also expires `session_ttl` after its end. A dropped session leaves a small tombstone
+(at most `max_tombstones`) so that its readers get 410 Gone, not 404: lost history is said out
+loud. Nothing else is kept per session once it is dropped, so memory stays within the caps.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections import deque
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from cachetools import LRUCache
 
 from extproc.access.grants import MAX_SHARES_PER_SESSION, OPEN, Access, ShareRecord
-from extproc.errors import ConfigError, LimitExceeded, SessionGone, SessionNotFound
+from extproc.errors import AccessDenied, ConfigError, LimitExceeded, SessionGone, SessionNotFound
 from extproc.node.metrics import RelayMetrics
 from extproc.session.ids import new_session_id
 from extproc.session.log import EVENT_OVERHEAD_BYTES, EndState, SessionLog, WritePath
+from extproc.vocabulary import DropReason
 
-DEFAULT_MAX_BYTES = 256 * 1024 * 1024
-DEFAULT_MAX_LOG_BYTES = 16 * 1024 * 1024
-DEFAULT_ENDED_TTL_S = 900.0
-DEFAULT_TOMBSTONES = 65_536
+DEFAULT_STORE_MAX_BYTES = 256 * 1024 * 1024
+DEFAULT_SESSION_MAX_BYTES = 16 * 1024 * 1024
+DEFAULT_SESSION_TTL_S = 900.0
+DEFAULT_MAX_TOMBSTONES = 65_536  # ~200 bytes each: at most ~13 MiB besides the logs
 
 
 @dataclass(frozen=True, kw_only=True)
 class StoreLimits:
-    max_bytes: int = DEFAULT_MAX_BYTES  # all logs together, payload plus bookkeeping
-    max_log_bytes: int = DEFAULT_MAX_LOG_BYTES  # one session; beyond it the session fails
-    ended_ttl_s: float = DEFAULT_ENDED_TTL_S  # how long a finished session stays resumable
-    tombstones: int = DEFAULT_TOMBSTONES  # dropped ids remembered to answer 410 instead of 404
+    """Named as their flags: --store-max-bytes, --session-max-bytes, --session-ttl."""
+
+    store_max_bytes: int = DEFAULT_STORE_MAX_BYTES  # all logs together, payload and bookkeeping
+    session_max_bytes: int = DEFAULT_SESSION_MAX_BYTES  # one session; beyond it, it fails
+    session_ttl: float = DEFAULT_SESSION_TTL_S  # how long a finished session stays resumable
+    max_tombstones: int = DEFAULT_MAX_TOMBSTONES  # dropped ids remembered: 410 instead of 404
 
     def __post_init__(self) -> None:
-        if self.max_bytes < 1024 * 1024:
-            raise ConfigError(f"store max bytes must be at least 1 MiB, got {self.max_bytes}")
-        if self.max_log_bytes == DEFAULT_MAX_LOG_BYTES and self.max_bytes < DEFAULT_MAX_LOG_BYTES:
-            # A small store with the default session bound: one session may fill the store.
-            object.__setattr__(self, "max_log_bytes", self.max_bytes)
-        if not 1024 <= self.max_log_bytes <= self.max_bytes:
+        if self.store_max_bytes < 1024 * 1024:
             raise ConfigError(
-                f"max log bytes must be between 1 KiB and the store size, got {self.max_log_bytes}"
+                f"--store-max-bytes must be at least 1 MiB, got {self.store_max_bytes}"
             )
-        if not 0 < self.ended_ttl_s < math.inf:  # NaN would never expire anything
-            raise ConfigError(f"session TTL must be positive and finite, got {self.ended_ttl_s}")
-        if self.tombstones < 0:
-            raise ConfigError(f"tombstones must be >= 0, got {self.tombstones}")
+        if (
+            self.session_max_bytes == DEFAULT_SESSION_MAX_BYTES
+            and self.store_max_bytes < DEFAULT_SESSION_MAX_BYTES
+        ):
+            # A small store with the default session bound: one session may fill the store.
+            object.__setattr__(self, "session_max_bytes", self.store_max_bytes)
+        if not 1024 <= self.session_max_bytes <= self.store_max_bytes:
+            raise ConfigError(
+                "--session-max-bytes must be between 1 KiB and --store-max-bytes, "
+                f"got {self.session_max_bytes}"
+            )
+        if not 0 < self.session_ttl < math.inf:  # NaN would never expire anything
+            raise ConfigError(f"--session-ttl must be positive and finite, got {self.session_ttl}")
+        if self.max_tombstones < 0:
+            raise ConfigError(f"max tombstones must be >= 0, got {self.max_tombstones}")
 
 
 class LogCache(LRUCache[str, SessionLog]):
@@ -70,33 +80,35 @@ class MemoryStore:
         self,
         limits: StoreLimits | None = None,
         *,
+        metrics: RelayMetrics,
         clock: Callable[[], float] = time.monotonic,
-        metrics: RelayMetrics | None = None,
     ) -> None:
         self.limits = limits or StoreLimits()
         # Every session start, append, end and drop passes through here: the natural place
-        # to observe them. Readers and writers reach the metrics through the store.
-        self.metrics = metrics if metrics is not None else RelayMetrics()
-        self.metrics.store_bytes.set_function(lambda: self.nbytes)
-        self.metrics.store_sessions.set_function(lambda: len(self))
-        self.metrics.store_capacity_bytes.set(self.limits.max_bytes)
+        # to count them.
+        self._metrics = metrics
+        metrics.store_bytes = lambda: self.nbytes
+        metrics.store_sessions = lambda: len(self)
+        metrics.store_capacity_bytes = self.limits.store_max_bytes
         self._clock = clock
-        self._logs = LogCache(self.limits.max_bytes, self._evicted)
-        self._expiries: deque[tuple[float, SessionLog]] = deque()
+        self._logs = LogCache(self.limits.store_max_bytes, self._evicted)
+        # Ended sessions by id -> when they expire. The TTL is one constant, so insertion order
+        # is expiry order: the front is always the next to expire, and an evicted session
+        # leaves at once (no per-session bookkeeping outlives its log).
+        self._expiries: OrderedDict[str, float] = OrderedDict()  # O(1) at both ends
         # Dropped sessions: (why, owner), so only whoever could read one hears it is gone.
         self._tombstones: LRUCache[str, tuple[str, str]] = LRUCache(
-            maxsize=max(1, self.limits.tombstones)
+            maxsize=max(1, self.limits.max_tombstones)
         )
         self._shares: dict[str, dict[str, ShareRecord]] = {}
-        self._open_by_owner: dict[str, int] = {}
-        self.evictions = 0
-        self.expirations = 0
-        self.on_cancel: Callable[[str], bool] = lambda _: False
-        self.reader_counts: Callable[[], dict[str, int]] = dict
 
     @property
     def nbytes(self) -> int:
         return int(self._logs.currsize)
+
+    @property
+    def tombstones(self) -> int:
+        return len(self._tombstones)
 
     def __len__(self) -> int:
         return len(self._logs)
@@ -107,10 +119,7 @@ class MemoryStore:
             new_session_id(), content_type=content_type, write_path=write_path, owner=owner
         )
         self._logs[log.session_id] = log
-        if owner:
-            self._open_by_owner[owner] = self._open_by_owner.get(owner, 0) + 1
-        self.metrics.sessions_started.labels(write_path.value).inc()
-        self.metrics.sessions_active.labels(write_path.value).inc()
+        self._metrics.session_started(write_path)
         return log
 
     def get(self, session_id: str) -> SessionLog:
@@ -131,24 +140,34 @@ class MemoryStore:
             log = self.get(session_id)
         except SessionGone:
             if not access.admits(self._tombstones[session_id][1], None):
-                raise SessionNotFound(f"no session {session_id}") from None
+                raise AccessDenied(f"no session {session_id}") from None
             raise
-        share = self._shares.get(session_id, {}).get(access.token_id)
-        if not access.admits(log.owner, share):
-            raise SessionNotFound(f"no session {session_id}")  # exactly as if unknown
+        if not access.admits(log.owner, self._share(session_id, access.token_id)):
+            raise AccessDenied(f"no session {session_id}")  # exactly as if unknown
         return log
 
-    def open_sessions(self, owner: str) -> int:
-        return self._open_by_owner.get(owner, 0)
+    def _share(self, session_id: str, token_id: str) -> ShareRecord | None:
+        return self._shares.get(session_id, {}).get(token_id)
 
     async def add_share(self, session_id: str, token_id: str, record: ShareRecord) -> None:
         shares = self._shares.setdefault(session_id, {})
+        now = time.time()
+        for expired in [t for t, r in shares.items() if r.expires_at <= now]:
+            del shares[expired]  # an expired token gives its slot back
         if len(shares) >= MAX_SHARES_PER_SESSION:
             raise LimitExceeded(f"a session has at most {MAX_SHARES_PER_SESSION} share tokens")
         shares[token_id] = record
 
     async def revoke_share(self, session_id: str, token_id: str) -> bool:
         return self._shares.get(session_id, {}).pop(token_id, None) is not None
+
+    async def valid_shares(self, shares: set[tuple[str, str]]) -> set[tuple[str, str]]:
+        now = time.time()
+        return {
+            (session_id, token_id)
+            for session_id, token_id in shares
+            if (record := self._share(session_id, token_id)) is not None and record.expires_at > now
+        }
 
     def peek(self, session_id: str) -> SessionLog | None:
         """The log if this store holds it (None otherwise, no error and no tombstone)."""
@@ -163,8 +182,13 @@ class MemoryStore:
     async def remote_readers(self, session_id: str) -> int:
         return 0
 
-    async def start(self) -> None:
-        pass
+    async def start(
+        self,
+        *,
+        on_cancel: Callable[[str], bool] = lambda session_id: False,
+        reader_counts: Callable[[], dict[str, int]] = dict,
+    ) -> None:
+        pass  # one process: cancels and reader counts never arrive from elsewhere
 
     async def close(self) -> None:
         pass
@@ -177,7 +201,10 @@ class MemoryStore:
         if log.gone_reason or log.state is not EndState.OPEN:
             return False
         payload = sum(len(raw) for raw in events)
-        if log.nbytes + payload + EVENT_OVERHEAD_BYTES * len(events) > self.limits.max_log_bytes:
+        if (
+            log.nbytes + payload + EVENT_OVERHEAD_BYTES * len(events)
+            > self.limits.session_max_bytes
+        ):
             self.end(log, EndState.FAILED, "log_limit_exceeded")
             return False
         self._observe_append(log, len(events), payload)
@@ -193,46 +220,41 @@ class MemoryStore:
         if log.state is not EndState.OPEN:
             return
         log.end(state, reason)
-        if log.owner:
-            left = self._open_by_owner[log.owner] - 1
-            if left:
-                self._open_by_owner[log.owner] = left
-            else:
-                del self._open_by_owner[log.owner]
-        path = log.write_path.value
-        self.metrics.sessions_ended.labels(path, state.value).inc()
-        self.metrics.sessions_active.labels(path).dec()
-        self.metrics.session_readers.observe(log.peak_readers)
-        self._expiries.append((self._clock() + self.limits.ended_ttl_s, log))
+        self._metrics.session_ended(log.write_path, state, log.peak_readers)
+        if not log.gone_reason:
+            self._expiries[log.session_id] = self._clock() + self.limits.session_ttl
         self._expire()
 
     def _observe_append(self, log: SessionLog, count: int, nbytes: int) -> None:
-        metrics = self.metrics.appends[log.write_path.value]
+        stats = self._metrics.appends[log.write_path]
         now = time.monotonic()
         if log.last_seq == 0:
-            metrics.first_event.observe(now - log.created_at)
+            stats.first_event.observe(now - log.created_at)
         else:
-            metrics.event_gap.observe(now - log.last_append_at)
+            stats.event_gap.observe(now - log.last_append_at)
         log.last_append_at = now
-        metrics.events.inc(count)
-        metrics.event_bytes.inc(nbytes)
+        stats.events += count
+        stats.event_bytes += nbytes
 
     def _expire(self) -> None:
+        expiries = self._expiries
         now = self._clock()
-        while self._expiries and self._expiries[0][0] <= now:
-            _, log = self._expiries.popleft()
-            if self._logs.get(log.session_id) is log:
-                del self._logs[log.session_id]
-                self.expirations += 1
-                self._drop(log, "expired")
+        while expiries:
+            session_id, expires_at = next(iter(expiries.items()))  # the next one to expire
+            if expires_at > now:
+                return
+            del expiries[session_id]
+            log = self._logs.pop(session_id, None)
+            if log is not None:
+                self._drop(log, DropReason.EXPIRED)
 
     def _evicted(self, log: SessionLog) -> None:
-        self.evictions += 1
-        self._drop(log, "evicted")
+        self._expiries.pop(log.session_id, None)
+        self._drop(log, DropReason.EVICTED)
 
-    def _drop(self, log: SessionLog, reason: str) -> None:
-        self.metrics.store_drops.labels(reason).inc()
-        if self.limits.tombstones:
-            self._tombstones[log.session_id] = (reason, log.owner)
+    def _drop(self, log: SessionLog, reason: DropReason) -> None:
+        self._metrics.store_dropped(reason)
+        if self.limits.max_tombstones:
+            self._tombstones[log.session_id] = (reason.value, log.owner)
         self._shares.pop(log.session_id, None)
-        log.drop(reason)
+        log.drop(reason.value)

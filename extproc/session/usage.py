@@ -1,0 +1,54 @@
+"""Token usage from the upstream's own reports, vendor by vendor; pure: event data in, counts out.
+
+OpenAI reports `usage.prompt_tokens`/`completion_tokens` (chat, with `stream_options`) or
+`usage.input_tokens`/`output_tokens` (Responses, nested in `response`); Anthropic in
+`message_start.message.usage` and `message_delta.usage`; Ollama in its final line's
+`prompt_eval_count`/`eval_count`. Anything else, or unparseable, is no report.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+# An event without one of these bytes cannot hold a report: checked before parsing any JSON.
+MARKERS = (b'"usage"', b'"eval_count"')
+MAX_MODEL_CHARS = 128
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    model: str
+    prompt: int
+    completion: int
+
+
+def may_report_usage(raw: bytes) -> bool:
+    return any(marker in raw for marker in MARKERS)
+
+
+def parse_usage(data: bytes) -> Usage | None:
+    """The usage report in one event's data (an SSE event's data, or an NDJSON line)."""
+    try:
+        doc = json.loads(data or b"")
+    except ValueError:
+        return None
+    if not isinstance(doc, dict):
+        return None
+    nested = doc.get("message") or doc.get("response")  # Anthropic / OpenAI Responses
+    message: dict[str, object] = nested if isinstance(nested, dict) else {}
+    usage = doc.get("usage") or message.get("usage") or {}
+    if not isinstance(usage, dict):
+        return None
+    prompt = usage.get("prompt_tokens") or usage.get("input_tokens") or doc.get("prompt_eval_count")
+    completion = (
+        usage.get("completion_tokens") or usage.get("output_tokens") or doc.get("eval_count")
+    )
+    if not isinstance(prompt, int) and not isinstance(completion, int):
+        return None
+    model = doc.get("model") or message.get("model") or "unknown"
+    return Usage(
+        str(model)[:MAX_MODEL_CHARS],
+        prompt if isinstance(prompt, int) else 0,
+        completion if isinstance(completion, int) else 0,
+    )
