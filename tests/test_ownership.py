@@ -5,6 +5,9 @@ write paths and on two nodes sharing Redis. Strangers get the 404 of an unknown 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,11 +15,11 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
-from conftest import make_stack
+from conftest import make_stack, upstream_stats
 from test_e2e import events_of
 from test_security import ALICE_KEY, AUDIENCE, BOB_KEY, CHAT, ISSUER, Creds, bearer
 from websockets.asyncio.client import connect as ws_connect
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosedError, InvalidStatus
 
 from extproc.ops.supervisor import Stack
 from extproc.proto.relay.v1 import relay_pb2_grpc
@@ -256,3 +259,135 @@ def test_unreadable_or_unbounded_identities_get_401_not_a_folded_owner(
             assert answer.status_code == 401, (case, path, answer.text)
             if code is not None:
                 assert answer.json()["error"]["code"] == code, (case, path)
+
+
+async def _reader_cut(stack: Stack, protocol: str, session: str, headers: dict[str, str]) -> str:
+    """Read a session as `protocol` through Envoy until the relay stops it: "cut", or what else
+    happened."""
+    if protocol == "sse":
+        async with (
+            httpx.AsyncClient(timeout=30) as client,
+            client.stream(
+                "GET", f"{stack.base_url}/relay/v1/sessions/{session}/events", headers=headers
+            ) as response,
+        ):
+            assert response.status_code == 200
+            body = b""
+            try:
+                async for chunk in response.aiter_raw():
+                    body += chunk
+            except httpx.RemoteProtocolError:  # closed without the final chunk
+                return "cut" if b": relay: no session" in body else f"closed: {body[-200:]!r}"
+            return f"ended: {body[-200:]!r}"
+    if protocol == "ws":
+        url = stack.base_url.replace("http", "ws", 1) + f"/relay/v1/sessions/{session}/ws"
+        messages = []
+        async with ws_connect(url, additional_headers=headers) as ws:
+            with contextlib.suppress(ConnectionClosedError):  # 1011 after the error message
+                async for message in ws:
+                    messages.append(json.loads(message))
+        last = messages[-1]
+        return "cut" if last.get("code") == "session_not_found" else repr(last)
+    target = httpx.URL(stack.base_url).netloc.decode()
+    async with grpc.aio.insecure_channel(target) as channel:
+        call = relay_pb2_grpc.RelayStub(channel).Subscribe(
+            SubscribeRequest(session=session), metadata=tuple(headers.items())
+        )
+        try:
+            async for _ in call:
+                pass
+        except grpc.aio.AioRpcError as error:
+            return "cut" if error.code() == grpc.StatusCode.NOT_FOUND else repr(error)
+        return "ended"
+
+
+@pytest.mark.parametrize("protocol", ["sse", "ws", "grpc"])
+async def test_revoking_a_share_token_cuts_readers_on_every_node_within_a_second(
+    owned: Stack, protocol: str
+) -> None:
+    """On two nodes the reader and the DELETE may land on different nodes: the reader's node
+    learns of the revocation from the store (it checks twice a second)."""
+    async with (
+        httpx.AsyncClient(base_url=owned.base_url, timeout=30) as client,
+        client.stream(
+            "POST",
+            "/v1/chat/completions",
+            json=CHAT | {"max_tokens": 400},
+            headers=bearer(ALICE_KEY) | SLOW,  # ~20 s of events: still open when revoked
+        ) as generation,
+    ):
+        session = generation.headers["x-relay-session"]
+        minted = await client.post(f"/relay/v1/sessions/{session}/share", headers=bearer(ALICE_KEY))
+        token = minted.json()
+        bob = bearer(BOB_KEY) | {"x-relay-share": token["token"]}
+        info_url = f"/relay/v1/sessions/{session}"
+        before = (await client.get(info_url, headers=bob)).json()["readers"]
+        reading = asyncio.create_task(_reader_cut(owned, protocol, session, bob))
+        async with asyncio.timeout(20):
+            while not reading.done():  # polls the relay until bob's reader is counted
+                if (await client.get(info_url, headers=bob)).json()["readers"] > before:
+                    break
+        revoked = await client.delete(
+            f"/relay/v1/sessions/{session}/share/{token['token_id']}",
+            headers=bearer(ALICE_KEY),
+        )
+        assert revoked.status_code == 204
+        loop = asyncio.get_running_loop()
+        revoked_at = loop.time()
+        async with asyncio.timeout(10):
+            outcome = await reading
+        assert outcome == "cut", outcome
+        # The design bound is 0.5 s (a node's check period) plus a store round trip; a
+        # loaded test machine gets slack.
+        assert loop.time() - revoked_at < 2.0
+        assert generation.status_code == 200  # alice's own stream goes on
+
+
+def test_concurrent_generations_of_one_caller_open_exactly_the_quota(
+    tmp_path: Path, creds: Creds
+) -> None:
+    """20 generations at once, every request's headers sent before any body (the race of a
+    check at the headers and a count later): exactly the quota opens, the rest get 429 and
+    never reach the LLM."""
+    for write_path in ("inline", "detached"):
+        (tmp_path / write_path).mkdir()
+        stack = make_stack(
+            tmp_path / write_path,
+            security=creds.security(),
+            write_path=write_path,
+            relay_args=("--max-sessions-per-identity", "2"),
+        )
+        try:
+            before = upstream_stats(stack)["chat_completions_streamed"]
+            statuses = headers_first_posts(stack, 20, CHAT | {"max_tokens": 200}, ALICE_KEY)
+            assert sorted(statuses) == [200] * 2 + [429] * 18, (write_path, statuses)
+            assert upstream_stats(stack)["chat_completions_streamed"] - before == 2, write_path
+        finally:
+            stack.stop()
+
+
+def headers_first_posts(stack: Stack, count: int, body: dict[str, object], key: str) -> list[int]:
+    """`count` POSTs on raw sockets: every request's headers first, then every body; returns
+    each response's status (a 200 stream is not read further)."""
+    payload = json.dumps(body).encode()
+    host, port = httpx.URL(stack.base_url).host, httpx.URL(stack.base_url).port
+    assert port is not None
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\n"
+        f"Authorization: Bearer {key}\r\nx-demo-rate: 20\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+    ).encode()
+    sockets = [socket.create_connection((host, port), timeout=30) for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.sendall(head)
+        for sock in sockets:
+            sock.sendall(payload)
+        statuses = []
+        for sock in sockets:
+            line = sock.makefile("rb").readline()  # b"HTTP/1.1 200 OK\r\n"
+            statuses.append(int(line.split()[1]))
+        return statuses
+    finally:
+        for sock in sockets:
+            sock.close()
