@@ -160,39 +160,6 @@ def test_a_share_token_lets_one_reader_in_read_only_until_revoked(owned: Stack) 
     assert reads(owned, session, with_token).status_code == 404
 
 
-def test_open_sessions_per_identity_are_limited(tmp_path: Path, creds: Creds) -> None:
-    for write_path in ("inline", "detached"):
-        (tmp_path / write_path).mkdir()
-        stack = make_stack(
-            tmp_path / write_path,
-            security=creds.security(),
-            write_path=write_path,
-            relay_args=("--max-sessions-per-identity", "1"),
-        )
-        try:
-            with (
-                httpx.Client(timeout=30) as client,
-                client.stream(
-                    "POST",
-                    f"{stack.base_url}/v1/chat/completions",
-                    json=CHAT | {"max_tokens": 200},
-                    headers=bearer(ALICE_KEY) | SLOW,
-                ) as first,
-            ):
-                assert first.status_code == 200
-                second = client.post(
-                    f"{stack.base_url}/v1/chat/completions", json=CHAT, headers=bearer(ALICE_KEY)
-                )
-                assert second.status_code == 429, (write_path, second.text)
-                assert second.json()["error"]["code"] == "limit_exceeded"
-                other = client.post(
-                    f"{stack.base_url}/v1/chat/completions", json=CHAT, headers=bearer(BOB_KEY)
-                )
-                assert other.status_code == 200  # a quota per identity, not for everyone
-        finally:
-            stack.stop()
-
-
 # Subjects the old owner key (cut to 256 characters, passed through a header that trims
 # whitespace and re-encodes non-ASCII) folded into one owner.
 COLLIDING_SUBJECTS = [
@@ -348,7 +315,7 @@ def test_concurrent_generations_of_one_caller_open_exactly_the_quota(
 ) -> None:
     """20 generations at once, every request's headers sent before any body (the race of a
     check at the headers and a count later): exactly the quota opens, the rest get 429 and
-    never reach the LLM."""
+    never reach the LLM; another caller has a quota of its own."""
     for write_path in ("inline", "detached"):
         (tmp_path / write_path).mkdir()
         stack = make_stack(
@@ -359,16 +326,25 @@ def test_concurrent_generations_of_one_caller_open_exactly_the_quota(
         )
         try:
             before = upstream_stats(stack)["chat_completions_streamed"]
-            statuses = headers_first_posts(stack, 20, CHAT | {"max_tokens": 200}, ALICE_KEY)
-            assert sorted(statuses) == [200] * 2 + [429] * 18, (write_path, statuses)
-            assert upstream_stats(stack)["chat_completions_streamed"] - before == 2, write_path
+            with headers_first_posts(stack, 20, CHAT | {"max_tokens": 200}, ALICE_KEY) as statuses:
+                assert sorted(statuses) == [200] * 2 + [429] * 18, (write_path, statuses)
+                url = f"{stack.base_url}/v1/chat/completions"
+                refused = httpx.post(url, json=CHAT, headers=bearer(ALICE_KEY), timeout=30)
+                assert refused.status_code == 429, (write_path, refused.text)
+                assert refused.json()["error"]["code"] == "limit_exceeded"
+                other = httpx.post(url, json=CHAT, headers=bearer(BOB_KEY), timeout=30)
+                assert other.status_code == 200  # a quota per identity, not for everyone
+            assert upstream_stats(stack)["chat_completions_streamed"] - before == 3, write_path
         finally:
             stack.stop()
 
 
-def headers_first_posts(stack: Stack, count: int, body: dict[str, object], key: str) -> list[int]:
-    """`count` POSTs on raw sockets: every request's headers first, then every body; returns
-    each response's status (a 200 stream is not read further)."""
+@contextlib.contextmanager
+def headers_first_posts(
+    stack: Stack, count: int, body: dict[str, object], key: str
+) -> Iterator[list[int]]:
+    """`count` POSTs on raw sockets: every request's headers first, then every body; yields each
+    response's status while the connections stay open (a 200 stream is not read further)."""
     payload = json.dumps(body).encode()
     host, port = httpx.URL(stack.base_url).host, httpx.URL(stack.base_url).port
     assert port is not None
@@ -383,11 +359,7 @@ def headers_first_posts(stack: Stack, count: int, body: dict[str, object], key: 
             sock.sendall(head)
         for sock in sockets:
             sock.sendall(payload)
-        statuses = []
-        for sock in sockets:
-            line = sock.makefile("rb").readline()  # b"HTTP/1.1 200 OK\r\n"
-            statuses.append(int(line.split()[1]))
-        return statuses
+        yield [int(sock.makefile("rb").readline().split()[1]) for sock in sockets]
     finally:
         for sock in sockets:
             sock.close()
