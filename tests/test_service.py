@@ -1,6 +1,7 @@
 """Tests for extproc.inline.service and extproc.node.process (layer 3): a real relay node on
-port 0, spoken to over a real grpc.aio channel the way Envoy's ext_proc filter does: one message, one reply, in
-order. Waits are on the session log itself (which wakes on its end) under a deadline."""
+port 0, spoken to over a real grpc.aio channel the way Envoy's ext_proc filter does: one
+message, one reply, in order. Waits are on the session log itself (which wakes on its end)
+under a deadline."""
 
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from extproc.errors import ConfigError, SessionGone, SessionNotFound
+from extproc.node.metrics import RelayMetrics
 from extproc.session.ids import new_session_id
 from extproc.session.log import (
     EVENT_OVERHEAD_BYTES,
@@ -20,7 +21,6 @@ from extproc.session.log import (
     SessionLog,
     WritePath,
 )
-from extproc.node.metrics import RelayMetrics
 from extproc.store import MemoryStore, StoreLimits
 
 MIB = 1024 * 1024
@@ -38,7 +38,11 @@ class FakeClock:
 def small_store(
     clock: FakeClock | None = None, *, metrics: RelayMetrics | None = None, **limits: float
 ) -> MemoryStore:
-    values: dict[str, float] = {"store_max_bytes": MIB, "session_max_bytes": MIB, "session_ttl": TTL_S}
+    values: dict[str, float] = {
+        "store_max_bytes": MIB,
+        "session_max_bytes": MIB,
+        "session_ttl": TTL_S,
+    }
     values.update(limits)
     return MemoryStore(
         StoreLimits(**values),  # type: ignore[arg-type]
@@ -236,7 +240,10 @@ def test_append_after_end_or_drop_returns_false() -> None:
 @pytest.mark.parametrize(
     "limits",
     [
-        {"store_max_bytes": MIB - 1, "session_max_bytes": 1024},  # each case breaks exactly one rule
+        {
+            "store_max_bytes": MIB - 1,
+            "session_max_bytes": 1024,
+        },  # each case breaks exactly one rule
         {"store_max_bytes": 0, "session_max_bytes": 0},
         {"store_max_bytes": MIB, "session_max_bytes": MIB + 1},
         {"session_max_bytes": 1023},

@@ -17,8 +17,8 @@ from redis_server import RedisServer
 
 from extproc.access.grants import Access, mint_share
 from extproc.errors import SessionGone, SessionNotFound, StoreUnavailable
-from extproc.session.log import Cursor, EndState, SessionLog, WritePath
 from extproc.node.metrics import RelayMetrics
+from extproc.session.log import Cursor, EndState, SessionLog, WritePath
 from extproc.store import MemoryStore, RedisSettings, RedisStore, SessionStore, StoreLimits
 
 MIB = 1024 * 1024
