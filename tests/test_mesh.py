@@ -107,6 +107,11 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
                 egress_url=egress,
             )
         long = {name: pool.submit(_long_stream, stack) for name, stack in stacks.items()}
+        for stack in stacks.values():  # counted before any test counts LLM calls
+            deadline = time.monotonic() + TIMEOUT_S
+            while stack.llm_calls() < 1:
+                assert time.monotonic() < deadline, f"{stack.name}: the long stream never started"
+                time.sleep(0.05)  # polling the demo LLM process, bounded by the deadline
         yield Mesh(stacks, long)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
@@ -175,10 +180,10 @@ def test_detached_generation_survives_its_client(mesh: Mesh, platform: str) -> N
     payload = chat(30, f"keep going without me on {platform}")
     calls = stack.llm_calls()
     with httpx.Client(timeout=TIMEOUT_S) as client:
-        chunks = stream(client, stack, payload, **{"x-demo-rate": "30"})
+        chunks = stream(client, stack, payload, **{"x-demo-rate": "15"})
         session = next(chunks).decode()
         head = read_until(chunks, 3)
-        chunks.close()  # the client drops about 0.1 s into a ~1 s answer
+        chunks.close()  # the client drops about 0.2 s into a ~2 s answer
     assert session_info(stack, session)["state"] == "open"
     ended = wait_for_state(stack, session, "done")  # the generation went on without it
     assert ended["last_seq"] == 33
