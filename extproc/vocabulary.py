@@ -3,7 +3,14 @@
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
+
+# The calls that generate a streamed answer: the path (without its query) of a POST that the
+# relay may detach. Envoy's `generations` route matches it (RE2 `safe_regex`, whole path); the
+# processor matches it for requests that arrive without a route's write path (node default).
+GENERATION_PATHS = "/v1/(chat/completions|completions|responses|messages)|/api/(chat|generate)"
+GENERATION_PATH = re.compile(GENERATION_PATHS)
 
 
 class WritePath(StrEnum):

@@ -35,6 +35,7 @@ from extproc.session.log import EndState, SessionLog, WritePath
 from extproc.session.usage import Usage
 from extproc.session.writer import SessionWriter
 from extproc.store.base import SessionStore
+from extproc.vocabulary import GENERATION_PATH
 
 # Set by the processor, matched by Envoy's route table; Envoy strips any client-sent copy.
 ROUTE_HEADER = "x-relay-target"
@@ -75,6 +76,16 @@ def header_value(headers: HttpHeaders, name: str) -> str | None:
     return None
 
 
+def node_route(headers: HttpHeaders, default: WritePath | None) -> WritePath | None:
+    """The node's default write path (`serve --write-path`) for a request whose route named
+    none (Envoy Gateway cannot): it applies only to a POST to a generation path, matched by
+    the expression Envoy's `generations` route uses; anything else is no generation."""
+    if default is None or header_value(headers, ":method") != "POST":
+        return None
+    path = (header_value(headers, ":path") or "").partition("?")[0]
+    return default if GENERATION_PATH.fullmatch(path) else None
+
+
 def _set_header(name: str, value: str) -> HeaderValueOption:
     return HeaderValueOption(
         header=HeaderValue(key=name, raw_value=value.encode()),
@@ -110,6 +121,7 @@ class StreamProcessor:
     """What the relay does with one HTTP stream; made fresh for every ext_proc gRPC stream."""
 
     __slots__ = (
+        "_default_route",
         "_max_event_bytes",
         "_on_usage",
         "_owner",
@@ -129,6 +141,7 @@ class StreamProcessor:
         max_event_bytes: int,
         on_usage: Callable[[Usage], None],
         route: WritePath | None = None,
+        default_route: WritePath | None = None,
     ) -> None:
         self._store = store
         self._quota = quota
@@ -140,6 +153,8 @@ class StreamProcessor:
         self._slot: Slot | None = None  # this exchange's place in the caller's session quota
         # A generation route's write path (see envoy/envoy.yaml); None on any other route.
         self.route = route
+        # Without one from the route, the node's default decides on the request headers.
+        self._default_route = default_route if route is None else None
 
     @property
     def session(self) -> SessionLog | None:
@@ -166,6 +181,8 @@ class StreamProcessor:
     def on_request_headers(self, headers: HttpHeaders) -> ProcessingResponse:
         # A request naming an event it already saw is answered from the log, never by a second
         # upstream call; on a detached route a POST (a generation) is made by the relay itself.
+        if self._default_route is not None:
+            self.route = node_route(headers, self._default_route)
         if header_value(headers, LAST_EVENT_ID_HEADER) is not None:
             target = ROUTE_RESUME
         elif self.route is WritePath.DETACHED and header_value(headers, ":method") == "POST":

