@@ -7,12 +7,19 @@
     ├── SessionNotFound         404  NOT_FOUND          unknown id, or one the caller may not read
     │   └── AccessDenied        404  NOT_FOUND          (the latter, told apart only in metrics)
     ├── SessionGone             410  NOT_FOUND          existed, but expired or evicted
-    ├── SessionConflict         409  FAILED_PRECONDITION not possible in the session's state
+    ├── OriginNotAllowed        403  PERMISSION_DENIED  a WebSocket from an origin not granted (*)
+    ├── SessionConflict         409  FAILED_PRECONDITION not possible in the session's state, or
+    │                                                   a resume that is not the session's request
+    ├── RequestTooLarge         413  RESOURCE_EXHAUSTED a declared request body over the limit (*)
     ├── LimitExceeded           429  RESOURCE_EXHAUSTED a documented limit was hit
-    ├── UpstreamUnreachable     502  UNAVAILABLE        the relay could not reach the LLM
-    └── StoreUnavailable        503  UNAVAILABLE        the session store cannot be reached
+    ├── UpstreamUnreachable     502  UNAVAILABLE        the LLM could not be reached
+    ├── StoreUnavailable        503  UNAVAILABLE        the session store cannot be reached
+    └── RelayUnavailable        503  UNAVAILABLE        no relay node answered (*)
 
 Each front (HTTP, gRPC) maps these once, at its edge; nothing else builds error responses.
+(*) Answered by Envoy itself (direct or local replies rendered from these classes' codes by
+extproc/ops/), since the relay is not involved or not there; UpstreamUnreachable is answered
+by both, Envoy when its own call to the LLM fails.
 """
 
 from __future__ import annotations
@@ -73,10 +80,22 @@ class SessionGone(RelayError):
     code = "session_gone"
 
 
+class OriginNotAllowed(RelayError):
+    http_status = 403
+    grpc_code = grpc.StatusCode.PERMISSION_DENIED
+    code = "origin_not_allowed"
+
+
 class SessionConflict(RelayError):
     http_status = 409
     grpc_code = grpc.StatusCode.FAILED_PRECONDITION
     code = "session_conflict"
+
+
+class RequestTooLarge(RelayError):
+    http_status = 413
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    code = "request_too_large"
 
 
 class LimitExceeded(RelayError):
@@ -95,6 +114,12 @@ class StoreUnavailable(RelayError):
     http_status = 503
     grpc_code = grpc.StatusCode.UNAVAILABLE
     code = "store_unavailable"
+
+
+class RelayUnavailable(RelayError):
+    http_status = 503
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+    code = "relay_unavailable"
 
 
 class ConfigError(ValueError):

@@ -55,6 +55,7 @@ class ResumeOutcome(StrEnum):
     EXPIRED = "expired"
     FORBIDDEN = "forbidden"
     MALFORMED = "malformed"
+    CONFLICT = "conflict"  # the id's session was created by another request
 
 
 class StoreOp(StrEnum):

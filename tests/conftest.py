@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -63,6 +65,37 @@ def stack(
 @pytest.fixture(scope="session")
 def detached_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     running = make_stack(tmp_path_factory.mktemp("detached"), relay_args=("--detach-grace", "0.5"))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def hosted_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """tests/hosted_upstream.py: a hosted LLM API's wire behaviour (headers, fixtures, errors)."""
+    ports_file = tmp_path_factory.mktemp("hosted") / "ports.json"
+    server = subprocess.Popen(
+        [sys.executable, str(Path(__file__).parent / "hosted_upstream.py"), "--ports-file",
+         str(ports_file)],
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not ports_file.is_file():  # polling a child process, bounded by the deadline
+            assert server.poll() is None and time.monotonic() < deadline, "hosted upstream"
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{json.loads(ports_file.read_text())['http_port']}"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+@pytest.fixture(scope="session", params=["detached", "inline"])
+def hosted_stack(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, hosted_upstream: str
+) -> Iterator[Stack]:
+    """A stack per write path in front of the hosted-API double."""
+    workdir = tmp_path_factory.mktemp(f"hosted-{request.param}")
+    running = make_stack(workdir, write_path=request.param, upstream=hosted_upstream)
     yield running
     running.stop()
 

@@ -6,6 +6,7 @@ import dataclasses
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -183,21 +184,37 @@ def test_up_demo_serves_tagged_streams_and_stops_every_child(stop_signal: int) -
             process.wait()
 
 
-def test_up_with_an_upstream_that_is_not_there_still_starts() -> None:
-    # Envoy answers 503 for a dead upstream; the stack itself is healthy.
-    process = subprocess.Popen(
-        [*CLI, "up", "--upstream", "http://127.0.0.1:9", "--port", "0", "--admin-port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        base = banner_url(read_banner(process), "base URL")
-        response = httpx.post(f"{base}/v1/chat/completions", json={}, timeout=30)
-        assert response.status_code == 503
-    finally:
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=30) == 0
+def test_up_with_an_upstream_that_is_not_there_warns_and_still_starts() -> None:
+    # The stack itself is healthy; `up` says at once that the upstream refuses connections,
+    # and requests get the README's JSON error (Envoy's local reply mapping), not plain text.
+    with socket.socket() as refusing:  # bound, never listening: connections are refused
+        refusing.bind(("127.0.0.1", 0))
+        port = refusing.getsockname()[1]
+        ports = ["--port", "0", "--admin-port", "0"]
+        process = subprocess.Popen(
+            [*CLI, "up", "--upstream", f"http://127.0.0.1:{port}", *ports],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            banner = read_banner(process)
+            warning = f"WARNING: the upstream 127.0.0.1:{port} does not accept connections"
+            assert warning in banner.splitlines()[0], banner
+            base = banner_url(banner, "base URL")
+            chat = {"model": "m", "messages": [], "stream": True}
+            for response in (
+                httpx.post(f"{base}/v1/chat/completions", json=chat, timeout=30),  # detached
+                httpx.get(f"{base}/v1/models", timeout=30),  # Envoy's own call
+            ):
+                assert response.status_code == 502, response.text
+                assert response.headers["content-type"] == "application/json"
+                error = response.json()["error"]
+                assert error["code"] == "upstream_unreachable", error
+                assert error["message"].startswith("the LLM upstream is unreachable: upstream")
+        finally:
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=30) == 0
 
 
 @pytest.mark.parametrize(

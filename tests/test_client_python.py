@@ -368,14 +368,14 @@ def deltas_of(body: bytes) -> list[str]:
 
 
 async def replay_deltas(stack: Stack, session: str) -> list[str]:
-    """The whole answer of `session`, from its log, uncut."""
+    """The whole answer of `session`, from its log, uncut (read on the session's own SSE
+    endpoint: a resume on the original endpoint must repeat the SDK's request byte for byte)."""
     async with httpx.AsyncClient(base_url=stack.base_url, trust_env=False) as direct:
-        whole = await direct.post(
-            "/v1/chat/completions", json=PAYLOAD, headers={"Last-Event-ID": f"{session}:0"}
-        )
+        whole = await direct.get(f"/relay/v1/sessions/{session}/events")
     assert whole.status_code == 200
-    assert whole.headers["x-relay-session"] == session
-    return deltas_of(whole.content)
+    events = [block for block in whole.content.split(b"\n\n") if block]
+    assert b"event: relay.end" in events[-1] and b'"state": "done"' in events[-1]
+    return deltas_of(b"\n\n".join(events[:-1]))
 
 
 def sync_openai_deltas(base_url: str) -> tuple[str, list[str]]:

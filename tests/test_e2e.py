@@ -143,8 +143,16 @@ def test_resume_of_a_live_session_read_slowly(stack: Stack) -> None:
 
 def test_resume_errors_are_typed_json(stack: Stack) -> None:
     url = f"{stack.base_url}/v1/chat/completions"
-    for bad in ("nonsense", "x" * 300, "AAAAAAAAAAAAAAAAAAAAAA:-1", "AAAAAAAAAAAAAAAAAAAAAA"):
-        response = httpx.post(url, json=chat(), headers={"Last-Event-ID": bad}, timeout=30)
+    for foreign in ("nonsense", "x" * 300, "AAAAAAAAAAAAAAAAAAAAAA:-1", "AAAAAAAAAAAAAAAAAAAAAA"):
+        # Not a relay id, so not a resume: the upstream's business (tests/test_resume_routing.py)
+        response = httpx.post(url, json=chat(), headers={"Last-Event-ID": foreign}, timeout=30)
+        assert response.status_code == 200, foreign
+    for bad in ("nonsense", "AAAAAAAAAAAAAAAAAAAAAA:-1"):  # where the id is the relay's
+        response = httpx.get(
+            f"{stack.base_url}/relay/v1/sessions/{'A' * 22}/events",
+            headers={"Last-Event-ID": bad},
+            timeout=30,
+        )
         assert response.status_code == 400, bad
         assert response.json()["error"]["code"] == "malformed_event_id"
     unknown = httpx.post(url, json=chat(), headers={"Last-Event-ID": "A" * 22 + ":3"}, timeout=30)
@@ -172,7 +180,9 @@ def test_evicted_session_is_410_not_404(tmp_path: Path) -> None:
         assert gone.status_code == 410, gone.text
         assert gone.json()["error"]["code"] == "session_gone"
         kept = stream_bytes(
-            small, big, **{"Last-Event-ID": f"{second.headers['x-relay-session']}:2500"}
+            small,
+            dict(big, messages=[{"role": "user", "content": "more"}]),  # its own request
+            **{"Last-Event-ID": f"{second.headers['x-relay-session']}:2500"},
         )
         assert kept.status_code == 200
     finally:

@@ -212,11 +212,18 @@ async def test_hostile_stream_ends_as_documented_and_a_normal_one_is_untouched(
 async def test_malformed_last_event_ids_get_a_typed_400(
     client: httpx.AsyncClient, last_event_id: str
 ) -> None:
-    response = await client.post(
-        "/v1/chat/completions", json=chat("normal"), headers={"last-event-id": last_event_id}
+    """Where Last-Event-ID is the relay's (its reader endpoints), an id it never issued is a
+    typed 400; on a generation route it is not a relay id, so not a resume: a new answer."""
+    response = await client.get(
+        f"/relay/v1/sessions/{new_session_id()}/events", headers={"last-event-id": last_event_id}
     )
     assert response.status_code == 400, response.text
     assert response.json()["error"]["code"] == "malformed_event_id"
+    generation = await client.post(
+        "/v1/chat/completions", json=chat("normal"), headers={"last-event-id": last_event_id}
+    )
+    assert generation.status_code == 200, generation.text
+    assert f"id: {generation.headers['x-relay-session']}:1\n" in generation.text
 
 
 async def test_an_overlong_header_is_refused_by_envoy(
@@ -283,7 +290,7 @@ def raw_request(stack: Stack, request: bytes) -> bytes:
 
 
 def test_header_injection_through_last_event_id_is_inert(hostile: Stack) -> None:
-    body = json.dumps(chat("normal")).encode()
+    """On the relay's reader endpoint, where Last-Event-ID is the relay's."""
     injected = [
         # A second line smuggles internal headers: Envoy strips them (internal_only_headers).
         b"Last-Event-ID: x\r\nx-relay-target: detached\r\nx-relay-identity: key:admin",
@@ -294,16 +301,14 @@ def test_header_injection_through_last_event_id_is_inert(hostile: Stack) -> None
         b"Last-Event-ID: x\x7fy",
     ]
     statuses = []
+    reader = f"/relay/v1/sessions/{new_session_id()}/events".encode()
     for header in injected:
         answer = raw_request(
             hostile,
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n"
+            b"GET " + reader + b" HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n"
             + header
-            + b"\r\ncontent-type: application/json\r\ncontent-length: "
-            + str(len(body)).encode()
-            + b"\r\n\r\n"
-            + body,
-        )
+            + b"\r\n\r\n",
+        )  # fmt: skip
         statuses.append(answer.split(b" ", 2)[1] if answer else b"closed")
         if answer:
             assert b'"malformed_event_id"' in answer  # the relay refused the id, nothing else

@@ -36,8 +36,11 @@ def test_metrics_follow_sessions_resumes_drops_and_usage(detached_stack: Stack) 
     session = full.headers["x-relay-session"]
     url = f"{stack.base_url}/v1/chat/completions"
     httpx.post(url, json=body, headers={"Last-Event-ID": f"{session}:2"}, timeout=30)
-    httpx.post(url, json=body, headers={"Last-Event-ID": "garbage"}, timeout=30)
+    events = f"{stack.base_url}/relay/v1/sessions/{session}/events"
+    assert httpx.get(events, params={"after": "garbage"}, timeout=30).status_code == 400
     httpx.post(url, json=body, headers={"Last-Event-ID": f"{'Z' * 22}:1"}, timeout=30)
+    other = body | {"max_tokens": 6}  # not the request that created the session: 409
+    httpx.post(url, json=other, headers={"Last-Event-ID": f"{session}:2"}, timeout=30)
     with httpx.Client(timeout=30) as client:  # a client that drops mid-answer
         chunks = open_stream(
             client, stack, chat(max_tokens=200, prompt="drop"), **{"x-demo-rate": "50"}
@@ -56,6 +59,7 @@ def test_metrics_follow_sessions_resumes_drops_and_usage(detached_stack: Stack) 
     assert grew("relay_resumes_total", outcome="hit") == 1
     assert grew("relay_resumes_total", outcome="malformed") == 1
     assert grew("relay_resumes_total", outcome="unknown") == 1
+    assert grew("relay_resumes_total", outcome="conflict") == 1
     assert grew("relay_client_reconnects_total", protocol="http") == 1
     assert grew("relay_client_disconnects_total", protocol="http") == 1
     assert grew("relay_resume_replay_events_count") >= 1
@@ -74,7 +78,8 @@ def test_metrics_follow_sessions_resumes_drops_and_usage(detached_stack: Stack) 
 
 def test_inline_processor_is_timed_per_phase(stack: Stack) -> None:
     before = scrape(stack)
-    httpx.post(f"{stack.base_url}/v1/models", timeout=30)
+    body = chat(max_tokens=2, prompt="time me", stream=False)  # a generation route: processed
+    httpx.post(f"{stack.base_url}/v1/chat/completions", json=body, timeout=30)
     after = scrape(stack)
     name = "relay_processor_message_seconds_count"
     assert value(after, name, phase="request_headers") > value(

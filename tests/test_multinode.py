@@ -59,11 +59,11 @@ def detach_on(url: str, payload: dict[str, object], **headers: str) -> httpx.Res
     )
 
 
-def resume(url: str, session: str, seq: int) -> httpx.Response:
-    """A client coming back with Last-Event-ID, as Envoy re-routes it to a node."""
+def resume(url: str, session: str, seq: int, payload: dict[str, object]) -> httpx.Response:
+    """A client coming back with Last-Event-ID and its request, as Envoy routes it to a node."""
     return httpx.post(
         f"{url}/_relay/resume/v1/chat/completions",
-        json=chat(),
+        json=payload,
         headers={"Last-Event-ID": f"{session}:{seq}"},
         timeout=30,
     )
@@ -72,15 +72,16 @@ def resume(url: str, session: str, seq: int) -> httpx.Response:
 def test_any_node_serves_a_session_any_node_wrote(two_nodes: Stack) -> None:
     originals = {}
     for i in range(4):  # Envoy balances the generations across both nodes
-        response = stream_bytes(two_nodes, chat(prompt=f"shared {i}"))
+        payload = chat(prompt=f"shared {i}")
+        response = stream_bytes(two_nodes, payload)
         assert response.status_code == 200
-        originals[response.headers["x-relay-session"]] = response.content
-    for session, body in originals.items():
+        originals[response.headers["x-relay-session"]] = (payload, response.content)
+    for session, (payload, body) in originals.items():
         events = events_of(body)
         for url in [*two_nodes.relay_http_urls, two_nodes.base_url]:
-            again = resume(url, session, 3) if url != two_nodes.base_url else None
+            again = resume(url, session, 3, payload) if url != two_nodes.base_url else None
             if again is None:  # through Envoy: the client's own reconnect
-                again = stream_bytes(two_nodes, chat(), **{"Last-Event-ID": f"{session}:3"})
+                again = stream_bytes(two_nodes, payload, **{"Last-Event-ID": f"{session}:3"})
             assert again.status_code == 200, again.text
             assert again.content == b"".join(events[3:])
             status, read = sse_events(url, session)
@@ -117,9 +118,10 @@ def test_two_stacks_on_one_redis_see_each_others_sessions(
     try:
         b = make_stack(tmp_path / "b", relay_args=args)
         try:
-            response = stream_bytes(a, chat(prompt="from stack a"))
+            payload = chat(prompt="from stack a")
+            response = stream_bytes(a, payload)
             session = response.headers["x-relay-session"]
-            again = stream_bytes(b, chat(), **{"Last-Event-ID": f"{session}:2"})
+            again = stream_bytes(b, payload, **{"Last-Event-ID": f"{session}:2"})
             assert again.status_code == 200
             assert again.content == b"".join(events_of(response.content)[2:])
         finally:
@@ -218,43 +220,56 @@ def _active_inline(url: str) -> float:
 def test_redis_down_503_for_reads_never_for_first_clients_then_recovery(
     two_nodes: Stack, redis_server: RedisServer
 ) -> None:
-    before = stream_bytes(two_nodes, chat(prompt="before the outage"))
+    asked = {"before": chat(prompt="before the outage"), "during": chat(prompt="during the outage")}
+    before = stream_bytes(two_nodes, asked["before"])
     old = before.headers["x-relay-session"]
     for url in two_nodes.relay_http_urls:
-        wait_for("the session in Redis", lambda u=url: resume(u, old, 1).status_code == 200)
+        wait_for(
+            "the session in Redis",
+            lambda u=url: resume(u, old, 1, asked["before"]).status_code == 200,
+        )
 
     redis_server.stop()
-    during = stream_bytes(two_nodes, chat(prompt="during the outage"))
+    during = stream_bytes(two_nodes, asked["during"])
     assert during.status_code == 200  # the first client never depends on Redis
     assert len(ID_LINE.findall(during.content)) == len(events_of(during.content)) > 3
     new = during.headers["x-relay-session"]
-    refused = stream_bytes(two_nodes, chat(), **{"Last-Event-ID": f"{old}:1"})
+    refused = stream_bytes(two_nodes, asked["before"], **{"Last-Event-ID": f"{old}:1"})
     assert refused.status_code == 503
     assert refused.json()["error"]["code"] == "store_unavailable"
     # The node that wrote the new session still answers for it; the other cannot yet.
-    statuses = sorted(resume(url, new, 1).status_code for url in two_nodes.relay_http_urls)
+    statuses = sorted(
+        resume(url, new, 1, asked["during"]).status_code for url in two_nodes.relay_http_urls
+    )
     assert statuses == [200, 503]
 
     redis_server.start()  # the same data: nothing already in Redis is lost
     for url in two_nodes.relay_http_urls:
-        for session, body in ((old, before.content), (new, during.content)):
+        for session, body, payload in (
+            (old, before.content, asked["before"]),
+            (new, during.content, asked["during"]),
+        ):
             wait_for(
-                "reads to recover", lambda u=url, s=session: resume(u, s, 1).status_code == 200
+                "reads to recover",
+                lambda u=url, s=session, p=payload: resume(u, s, 1, p).status_code == 200,
             )
-            assert resume(url, session, 1).content == b"".join(events_of(body)[1:])
+            assert resume(url, session, 1, payload).content == b"".join(events_of(body)[1:])
 
 
 def test_redis_restarted_empty_means_unknown_sessions(
     two_nodes: Stack, redis_server: RedisServer
 ) -> None:
-    response = stream_bytes(two_nodes, chat(prompt="soon forgotten"))
+    payload = chat(prompt="soon forgotten")
+    response = stream_bytes(two_nodes, payload)
     session = response.headers["x-relay-session"]
     for url in two_nodes.relay_http_urls:
-        wait_for("the session in Redis", lambda u=url: resume(u, session, 1).status_code == 200)
+        wait_for(
+            "the session in Redis", lambda u=url: resume(u, session, 1, payload).status_code == 200
+        )
     redis_server.stop()
     redis_server.start(empty=True)
     for url in two_nodes.relay_http_urls:
-        wait_for("Redis to answer", lambda u=url: resume(u, session, 1).status_code != 503)
-        gone = resume(url, session, 1)
+        wait_for("Redis to answer", lambda u=url: resume(u, session, 1, payload).status_code != 503)
+        gone = resume(url, session, 1, payload)
         assert gone.status_code == 404
         assert gone.json()["error"]["code"] == "session_not_found"

@@ -7,6 +7,7 @@ reading of the same bytes, whatever the chunk split."""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import re
@@ -16,6 +17,7 @@ import pytest
 from envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue, HeaderValueOption
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.service.ext_proc.v3.external_processor_pb2 import (
+    BodyResponse,
     HeadersResponse,
     HttpBody,
     HttpHeaders,
@@ -240,22 +242,57 @@ def test_request_without_last_event_id_continues_plainly() -> None:
     assert reply == ProcessingResponse(request_headers=HeadersResponse())  # no mutation, no mode
 
 
-def test_request_with_last_event_id_is_rerouted_to_resume() -> None:
-    store = new_store()
-    processor = new_processor(store)
-    reply = on_wire(processor.handle(request_headers({"last-event-id": "x" * 22 + ":3"})))
-    common = reply.request_headers.response
-    assert set_headers(list(common.header_mutation.set_headers)) == {"x-relay-target": "resume"}
-    assert common.clear_route_cache is True
-    mode = reply.mode_override
-    assert mode.response_header_mode == ProcessingMode.SKIP
-    assert mode.response_body_mode == ProcessingMode.NONE
-    assert mode.response_trailer_mode == ProcessingMode.SKIP
-    # The relay's own front answers it, already tagged: the response opens no second session.
-    reply = on_wire(processor.handle(response_headers(200, SSE)))
-    assert not reply.response_headers.HasField("response")
-    assert processor.session is None
-    assert len(store) == 0
+def test_last_event_id_is_not_the_processors_business() -> None:
+    """Envoy's route table sends relay ids to the relay before ext_proc runs; whatever reaches
+    the processor with a Last-Event-ID (an MCP server's, any SSE API's) is the upstream's."""
+    for route in (None, WritePath.INLINE):
+        processor = new_processor(route=route)
+        for value in ("x" * 22 + ":3", "7", "mcp-40"):
+            reply = on_wire(processor.handle(request_headers({"last-event-id": value})))
+            assert reply == ProcessingResponse(request_headers=HeadersResponse())
+    detached = new_processor(route=WritePath.DETACHED)
+    reply = on_wire(detached.handle(request_headers({"last-event-id": "x" * 22 + ":3"})))
+    mutation = reply.request_headers.response.header_mutation
+    assert set_headers(list(mutation.set_headers)) == {"x-relay-target": "detached"}
+
+
+def request_body(data: bytes, *, end_of_stream: bool) -> ProcessingRequest:
+    return ProcessingRequest(request_body=HttpBody(body=data, end_of_stream=end_of_stream))
+
+
+@pytest.mark.parametrize("body_ends_after_the_response_starts", [False, True])
+def test_an_inline_generation_keeps_the_request_a_resume_must_repeat(
+    body_ends_after_the_response_starts: bool,
+) -> None:
+    processor = new_processor(route=WritePath.INLINE)
+    path = {":path": "/v1/chat/completions?api-version=1"}
+    assert on_wire(processor.handle(request_headers(path))).request_headers == HeadersResponse()
+    reply = on_wire(processor.handle(request_body(b'{"a":', end_of_stream=False)))
+    assert reply == ProcessingResponse(request_body=BodyResponse())  # forwarded unchanged
+    if body_ends_after_the_response_starts:
+        processor.handle(response_headers(200, SSE))
+        assert processor.session is not None and processor.session.request_key == ""
+    processor.handle(request_body(b"1}", end_of_stream=True))
+    if not body_ends_after_the_response_starts:
+        processor.handle(response_headers(200, SSE))
+    log = processor.session
+    assert log is not None
+    digest = hashlib.sha256(b'{"a":1}').hexdigest()
+    assert log.request_key == f"POST /v1/chat/completions?api-version=1 {digest}"
+
+    bodiless = new_processor(route=WritePath.INLINE)
+    headers = request_headers({})
+    headers.request_headers.end_of_stream = True
+    bodiless.handle(headers)
+    bodiless.handle(response_headers(200, SSE))
+    assert bodiless.session is not None
+    assert bodiless.session.request_key.endswith(" " + hashlib.sha256(b"").hexdigest())
+
+    elsewhere = new_processor(route=None)  # a stream on another route: no key, not resumable
+    elsewhere.handle(request_headers({}))
+    elsewhere.handle(request_body(b"{}", end_of_stream=True))
+    elsewhere.handle(response_headers(200, SSE))
+    assert elsewhere.session is not None and elsewhere.session.request_key == ""
 
 
 def test_detached_route_reroutes_generations_only() -> None:
@@ -270,8 +307,8 @@ def test_detached_route_reroutes_generations_only() -> None:
 
 
 def test_header_value_reads_raw_value_or_value() -> None:
-    processor = new_processor()
-    headers = HttpHeaders(headers=HeaderMap(headers=[HeaderValue(key="last-event-id", value="x")]))
+    processor = new_processor(route=WritePath.DETACHED)
+    headers = HttpHeaders(headers=HeaderMap(headers=[HeaderValue(key=":method", value="POST")]))
     reply = on_wire(processor.handle(ProcessingRequest(request_headers=headers)))
     assert reply.request_headers.response.clear_route_cache is True
 

@@ -490,7 +490,11 @@ async def test_identity_reaches_the_relay_front_as_envoy_set_it(
         # detached: the payload exactly as signed, so the owner key comes from its exact bytes
         (("POST", "/v1/chat/completions", bearer(carol)), ([], [carol.split(".")[1]])),
         (
-            ("POST", "/v1/chat/completions", bearer(ALICE_KEY) | {"last-event-id": "s:1"}),
+            (
+                "POST",
+                "/v1/chat/completions",
+                bearer(ALICE_KEY) | {"last-event-id": "A" * 22 + ":1"},
+            ),
             (["key:alice"], []),
         ),
     ]
@@ -505,7 +509,7 @@ async def test_identity_reaches_the_relay_front_as_envoy_set_it(
                 relay_path, identities, payloads = recorder.requests[0]
                 assert (identities, payloads) == identity, (path, extra, relay_path)
                 relay_paths.add(relay_path)
-        # The generation was re-routed by the real processor, the resume too.
+        # The generation was re-routed by the real processor, the resume by the route table.
         assert {"/_relay/detach/v1/chat/completions", "/_relay/resume/v1/chat/completions"} <= (
             relay_paths
         )

@@ -70,7 +70,8 @@ def test_status_shows_what_the_traffic_did(status_stack: Stack) -> None:
     assert post(stack, payload, **{"Last-Event-ID": last_id}).status_code == 200
     # Resumes that miss: an unknown session, a malformed id, the evicted session.
     assert post(stack, chat(), **{"Last-Event-ID": f"{'Z' * 22}:1"}).status_code == 404
-    assert post(stack, chat(), **{"Last-Event-ID": "garbage"}).status_code == 400
+    events = f"{stack.base_url}/relay/v1/sessions/{evicted}/events"
+    assert httpx.get(events, params={"after": "garbage"}, timeout=30).status_code == 400
     assert post(stack, chat(), **{"Last-Event-ID": f"{evicted}:1"}).status_code == 410
     wait_for(
         "the dropped session to end",
@@ -115,7 +116,9 @@ def test_status_shows_what_the_traffic_did(status_stack: Stack) -> None:
         <= relay_value(stack, "relay_events_total", write_path="detached")
     )
     assert line(out, "clients") == "1 disconnects, 1 reconnects"
-    assert line(out, "resumes") == "hit 1, unknown 1, expired 1, forbidden 0, malformed 1"
+    assert line(out, "resumes") == (
+        "hit 1, unknown 1, expired 1, forbidden 0, malformed 1, conflict 0"
+    )
     store = re.fullmatch(
         r"([\d.]+) KiB of 1\.0 MiB \(([\d.]+)%\), 6 sessions, 1 evicted, 0 expired",
         line(out, "store"),

@@ -13,13 +13,14 @@ import asyncio
 from dataclasses import dataclass
 
 import aiohttp
-from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
 
 from extproc.access.quota import Slot
 from extproc.detached.forwarding import upstream_request_headers
-from extproc.errors import ConfigError, LimitExceeded, StoreUnavailable, UpstreamUnreachable
+from extproc.errors import ConfigError, StoreUnavailable, UpstreamUnreachable
 from extproc.node.metrics import RelayMetrics
-from extproc.session.framing import framing_of, new_framer
+from extproc.session.framing import framing_of, identity_coded, new_framer
 from extproc.session.log import EndState, SessionLog, WritePath
 from extproc.session.writer import SessionWriter
 from extproc.store.base import SessionStore
@@ -140,38 +141,35 @@ class Generations:
             )
         return self._http
 
-    async def open(self, request: web.Request, path: str) -> aiohttp.ClientResponse:
-        """Send the client's request upstream through Envoy's egress; return its response."""
+    async def open(
+        self, method: str, target: str, headers: CIMultiDict[str], body: bytes
+    ) -> aiohttp.ClientResponse:
+        """Send the client's request upstream through Envoy's egress; return its response.
+        `target` is the path and query exactly as the client sent them."""
         if not self.settings.egress_url:
             raise UpstreamUnreachable("the detached path is not configured (no --egress-url)")
-        body = bytearray()
-        async for chunk in request.content.iter_any():  # the whole body, however it arrives
-            body += chunk
-            if len(body) > self.settings.max_request_bytes:
-                raise LimitExceeded(
-                    f"request body larger than {self.settings.max_request_bytes} bytes"
-                )
-        headers = upstream_request_headers(request.headers.items())
-        url = self.settings.egress_url.rstrip("/") + "/" + path
+        url = URL(self.settings.egress_url.rstrip("/") + target, encoded=True)
         try:
             return await self._client().request(
-                request.method, url, params=request.query, data=bytes(body), headers=headers
+                method, url, data=body, headers=upstream_request_headers(headers.items())
             )
         except (aiohttp.ClientError, OSError) as exc:
             raise UpstreamUnreachable(f"upstream unreachable: {exc!r}") from exc
 
     def start(
-        self, response: aiohttp.ClientResponse, *, owner: str, slot: Slot
+        self, response: aiohttp.ClientResponse, *, owner: str, slot: Slot, request_key: str
     ) -> SessionLog | None:
         """If the upstream answered with an event stream, log it in the background; the
-        generation then holds `slot` until it ends."""
+        generation then holds `slot` until it ends. `request_key`: what a resume must repeat."""
         content_type = response.headers.get("Content-Type", "")
         framing = framing_of(content_type)
-        if response.status != 200 or framing is None:
-            return None
+        encoded = not identity_coded(response.headers.get("Content-Encoding"))
+        if response.status != 200 or framing is None or encoded:
+            return None  # a compressed stream cannot be framed: passed through untouched
         session = self._store.create(
             content_type=content_type, write_path=WritePath.DETACHED, owner=owner
         )
+        session.request_key = request_key
         framer = new_framer(framing, max_frame_bytes=self._max_event_bytes)
         writer = SessionWriter(self._store, session, framer, on_usage=self._metrics.count_tokens)
         task = asyncio.create_task(self._produce(writer, response))

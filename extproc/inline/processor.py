@@ -29,23 +29,26 @@ from envoy.type.v3.http_status_pb2 import HttpStatus
 from extproc.access.identity import IDENTITY_HEADER, JWT_PAYLOAD_HEADER, owner_key
 from extproc.access.quota import SessionQuota, Slot
 from extproc.errors import RelayError
-from extproc.session.framing import framing_of, new_framer
-from extproc.session.ids import LAST_EVENT_ID_HEADER, SESSION_HEADER
+from extproc.session.framing import framing_of, identity_coded, new_framer
+from extproc.session.ids import SESSION_HEADER
 from extproc.session.log import EndState, SessionLog, WritePath
+from extproc.session.request_key import RequestKeyBuilder
 from extproc.session.usage import Usage
 from extproc.session.writer import SessionWriter
 from extproc.store.base import SessionStore
 from extproc.vocabulary import GENERATION_PATH
 
 # Set by the processor, matched by Envoy's route table; Envoy strips any client-sent copy.
+# (Resumes never reach the processor: Envoy's `relay_resume` route sends a relay id in
+# Last-Event-ID straight to the relay, with ext_proc off, so they work while it is down.)
 ROUTE_HEADER = "x-relay-target"
-ROUTE_RESUME = "resume"
 ROUTE_DETACHED = "detached"
 # gRPC metadata that Envoy's per-route ext_proc override sends on generation routes: the
 # route's write path ("detached" or "inline"); absent on every other route.
 WRITE_PATH_METADATA = "x-relay-write-path"
 
 _CONTINUE_REQUEST = ProcessingResponse(request_headers=HeadersResponse())
+_CONTINUE_REQUEST_BODY = ProcessingResponse(request_body=BodyResponse())
 _CONTINUE_RESPONSE = ProcessingResponse(response_headers=HeadersResponse())
 # For requests re-routed to the relay's own front, whose response is already tagged.
 _SKIP_RESPONSE = ProcessingMode(
@@ -126,6 +129,8 @@ class StreamProcessor:
         "_on_usage",
         "_owner",
         "_quota",
+        "_request",
+        "_request_key",
         "_rerouted",
         "_slot",
         "_store",
@@ -151,6 +156,10 @@ class StreamProcessor:
         self._rerouted = False
         self._owner = ""  # the caller's owner key; "" when auth is off
         self._slot: Slot | None = None  # this exchange's place in the caller's session quota
+        # A generation's request as a resume must repeat it; its body arrives in
+        # request_body messages (STREAMED on generation routes, envoy/envoy.yaml).
+        self._request: RequestKeyBuilder | None = None
+        self._request_key = ""  # ... and once the body is complete, its key
         # A generation route's write path (see envoy/envoy.yaml); None on any other route.
         self.route = route
         # Without one from the route, the node's default decides on the request headers.
@@ -169,9 +178,9 @@ class StreamProcessor:
             return self.on_request_headers(request.request_headers)
         if kind == "response_headers":
             return self.on_response_headers(request.response_headers)
-        # Phases we do not configure Envoy to send still get the answer "continue unchanged".
         if kind == "request_body":
-            return ProcessingResponse(request_body=BodyResponse())
+            return self.on_request_body(request.request_body)
+        # Phases we do not configure Envoy to send still get the answer "continue unchanged".
         if kind == "request_trailers":
             return ProcessingResponse(request_trailers=TrailersResponse())
         if kind == "response_trailers":
@@ -179,15 +188,11 @@ class StreamProcessor:
         return None
 
     def on_request_headers(self, headers: HttpHeaders) -> ProcessingResponse:
-        # A request naming an event it already saw is answered from the log, never by a second
-        # upstream call; on a detached route a POST (a generation) is made by the relay itself.
         if self._default_route is not None:
             self.route = node_route(headers, self._default_route)
-        if header_value(headers, LAST_EVENT_ID_HEADER) is not None:
-            target = ROUTE_RESUME
-        elif self.route is WritePath.DETACHED and header_value(headers, ":method") == "POST":
-            target = ROUTE_DETACHED
-        else:
+        # On a detached route a POST (a generation) is made by the relay itself.
+        method = header_value(headers, ":method") or ""
+        if self.route is not WritePath.DETACHED or method != "POST":
             try:
                 identity = header_value(headers, IDENTITY_HEADER)
                 self._owner = owner_key(identity, header_value(headers, JWT_PAYLOAD_HEADER))
@@ -195,9 +200,13 @@ class StreamProcessor:
                     self._slot = self._quota.reserve(self._owner)
             except RelayError as error:
                 return _refuse(error)
+            if self.route is not None:
+                self._request = RequestKeyBuilder(method, header_value(headers, ":path") or "")
+                if headers.end_of_stream:  # no body
+                    self._request_complete()
             return _CONTINUE_REQUEST
         self._rerouted = True
-        mutation = HeaderMutation(set_headers=[_set_header(ROUTE_HEADER, target)])
+        mutation = HeaderMutation(set_headers=[_set_header(ROUTE_HEADER, ROUTE_DETACHED)])
         return ProcessingResponse(
             request_headers=HeadersResponse(
                 response=CommonResponse(header_mutation=mutation, clear_route_cache=True)
@@ -205,14 +214,29 @@ class StreamProcessor:
             mode_override=_SKIP_RESPONSE,
         )
 
+    def on_request_body(self, body: HttpBody) -> ProcessingResponse:
+        if self._request is not None:
+            self._request.feed(body.body)
+            if body.end_of_stream:
+                self._request_complete()
+        return _CONTINUE_REQUEST_BODY
+
+    def _request_complete(self) -> None:
+        """The whole request is known: its key goes on the session, now or when it opens."""
+        if self._request is not None:
+            self._request_key = str(self._request.finish())
+            self._request = None
+            if self._writer is not None:
+                self._writer.log.request_key = self._request_key
+
     def on_response_headers(self, headers: HttpHeaders) -> ProcessingResponse:
         # No body to come (HEAD, an empty 200): nothing to log, so no session to promise.
         if self._rerouted or headers.end_of_stream or header_value(headers, ":status") != "200":
             return _CONTINUE_RESPONSE
         content_type = header_value(headers, "content-type") or ""
         framing = framing_of(content_type)
-        if framing is None:
-            return _CONTINUE_RESPONSE
+        if framing is None or not identity_coded(header_value(headers, "content-encoding")):
+            return _CONTINUE_RESPONSE  # a compressed stream cannot be framed: passed untouched
         if self._slot is None:  # a stream on another route: it counts from now on
             try:
                 self._slot = self._quota.reserve(self._owner)
@@ -222,6 +246,7 @@ class StreamProcessor:
             content_type=content_type, write_path=WritePath.INLINE, owner=self._owner
         )
         framer = new_framer(framing, max_frame_bytes=self._max_event_bytes)
+        log.request_key = self._request_key
         self._writer = SessionWriter(self._store, log, framer, on_usage=self._on_usage)
         mutation = HeaderMutation(
             set_headers=[_set_header(SESSION_HEADER, log.session_id)],

@@ -76,6 +76,7 @@ def _security(args: argparse.Namespace) -> EnvoySecurity:
         max_request_headers_kb=args.max_request_headers_kb,
         request_headers_timeout_s=args.request_headers_timeout,
         max_request_bytes=args.max_request_bytes,
+        cors_origins=tuple(dict.fromkeys(args.cors_origin)),
     )
 
 
@@ -172,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print only what to merge into an Envoy you already run, commented field by field",
     )
+    flags.add_cors_flag(config)
 
     status = commands.add_parser("status", help="summarize a running relay node from its metrics")
     status.add_argument(
@@ -218,7 +220,9 @@ def _up(args: argparse.Namespace) -> int:
     from extproc.ops.supervisor import StackOptions, StartupError, run_until_signalled, start_stack
 
     if args.upstream is not None:
-        Upstream.from_url(args.upstream)  # fail fast, before starting anything
+        problem = Upstream.from_url(args.upstream).unreachable()  # fail fast, warn early
+        if problem is not None:
+            print(f"stream-relay: WARNING: {problem}", file=sys.stderr, flush=True)
     if args.store != MEMORY:
         RedisSettings(url=args.store, node_lease=args.node_lease)
     elif args.nodes > 1:
@@ -319,9 +323,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         upstream = Upstream.from_url(args.upstream) if args.upstream else None
         # Envoy's limits and identity-header stripping at their defaults; no authentication.
-        security = EnvoySecurity()
+        security = EnvoySecurity(cors_origins=tuple(dict.fromkeys(args.cors_origin)))
         if args.snippet:
-            sys.stdout.write(snippet(ports, upstream, write_path=args.write_path))
+            sys.stdout.write(
+                snippet(ports, upstream, write_path=args.write_path, security=security)
+            )
             return 0
         if upstream is None:
             raise ConfigError("envoy-config needs --upstream URL (or --snippet)")

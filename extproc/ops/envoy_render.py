@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import socket
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -19,6 +20,7 @@ from extproc.ops.envoy_security import NO_SECURITY, EnvoySecurity
 from extproc.vocabulary import GENERATION_PATHS, WritePath
 
 TEMPLATE_NAME = "envoy.yaml"
+UPSTREAM_PROBE_TIMEOUT_S = 2.0
 _TLS_BLOCK = """\
     transport_socket:
       name: envoy.transport_sockets.tls
@@ -53,6 +55,19 @@ class Upstream:
         except ValueError as exc:
             raise ConfigError(f"--upstream has an invalid port: {url!r}") from exc
         return cls(parts.hostname, port, parts.scheme == "https")
+
+    def unreachable(self, timeout_s: float = UPSTREAM_PROBE_TIMEOUT_S) -> str | None:
+        """Why a TCP connection to the upstream fails right now, as a sentence (None when it
+        connects): `up` warns at start, as every request would get 502 upstream_unreachable."""
+        try:
+            with socket.create_connection((self.host, self.port), timeout=timeout_s):
+                return None
+        except OSError as exc:
+            why = exc.strerror or str(exc) or type(exc).__name__
+        return (
+            f"the upstream {self.host}:{self.port} does not accept connections ({why}): "
+            "requests will get 502 upstream_unreachable until it does"
+        )
 
     @property
     def is_ip(self) -> bool:
@@ -280,7 +295,7 @@ def snippet(
         "http_filters": f"{head}\n{_DISABLED_UNTIL_A_ROUTE}\n{rest}",
         "routes": "\n".join(
             route(name)
-            for name in ("resume", "detached", "relay_readers", "relay_grpc", "generations")
+            for name in ("relay_resume", "detached", "relay_readers", "relay_grpc", "generations")
         ),
         "llm_route_typed_per_filter_config": _ENABLE_ON_ROUTE,
         "listeners": _block(lines, _find(lines, "- name: egress", public), 0),

@@ -16,7 +16,8 @@ from pathlib import Path
 # One name for what Envoy sets and the relay reads: an API key's client name, and a verified
 # JWT's payload exactly as signed (base64url), from which the relay derives the owner key.
 from extproc.access.identity import IDENTITY_HEADER, JWT_PAYLOAD_HEADER
-from extproc.errors import ConfigError
+from extproc.errors import ConfigError, RequestTooLarge
+from extproc.ops.envoy_cors import cors_placeholders, granted_origin_headers
 from extproc.vocabulary import GENERATION_PATHS
 
 API_KEY_HEADER = "x-api-key"
@@ -161,6 +162,7 @@ class EnvoySecurity:
     max_request_headers_kb: int = DEFAULT_MAX_REQUEST_HEADERS_KB
     request_headers_timeout_s: float = DEFAULT_REQUEST_HEADERS_TIMEOUT_S
     max_request_bytes: int | None = None  # declared generation bodies at Envoy (413); None: off
+    cors_origins: tuple[str, ...] = ()  # --cors-origin: browser origins granted (envoy_cors.py)
 
     def __post_init__(self) -> None:
         if self.max_connections < 1:
@@ -194,6 +196,7 @@ class EnvoySecurity:
             "LIMIT_ROUTES": self._limit_routes(),
             "PUBLIC_TLS": self._public_tls(),
             "LLM_UPSTREAM_FILTERS": self._llm_upstream_filters(),
+            **cors_placeholders(self.cors_origins),
         }
 
     def _overload_manager(self) -> str:
@@ -329,24 +332,37 @@ overload_manager:
         deadlocks with ext_proc on bodies above a few times its limit (SECURITY.md)."""
         if self.max_request_bytes is None:
             return ""
-        error = {
-            "message": f"request body larger than {self.max_request_bytes} bytes",
-            "type": "relay_error",
-            "code": "request_too_large",
-        }
+        # Envoy's CORS filter skips direct responses: a granted origin gets its grant from a
+        # route of its own, so a page can read the 413.
+        granted = [
+            self._limit_route(f"request_too_large_{n}", origin)
+            for n, origin in enumerate(self.cors_origins, 1)
+        ]
+        return "".join([*granted, self._limit_route("request_too_large", None)])
+
+    def _limit_route(self, name: str, origin: str | None) -> str:
+        assert self.max_request_bytes is not None
+        error = RequestTooLarge(f"request body larger than {self.max_request_bytes} bytes")
+        only_origin = (
+            f"\n                  - {{ name: origin, string_match: {{ exact: {_q(origin)} }} }}"
+            if origin is not None
+            else ""
+        )
+        grant = granted_origin_headers(origin) if origin is not None else ""
         return f"""
-              - name: request_too_large
+              - name: {name}
                 match:
                   safe_regex: {{ regex: {_q(GENERATION_PATHS)} }}
                   headers:
                   - name: content-length
-                    range_match: {{ start: {self.max_request_bytes + 1}, end: {2**63 - 1} }}
+                    range_match: {{ start: {self.max_request_bytes + 1}, end: {2**63 - 1} }}\
+{only_origin}
                 direct_response:
-                  status: 413
-                  body: {{ inline_string: {_q(json.dumps({"error": error}))} }}
+                  status: {error.http_status}
+                  body: {{ inline_string: {_q(error.json_body().decode())} }}
                 response_headers_to_add:
                 - header: {{ key: content-type, value: application/json }}
-                  append_action: OVERWRITE_IF_EXISTS_OR_ADD
+                  append_action: OVERWRITE_IF_EXISTS_OR_ADD{grant}
                 typed_per_filter_config:
                   envoy.filters.http.ext_proc: {_DISABLED}"""
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from extproc.access.quota import DEFAULT_MAX_SESSIONS_PER_IDENTITY
 from extproc.detached.generations import DEFAULT_DETACH_GRACE_S, DEFAULT_MAX_REQUEST_BYTES
+from extproc.errors import ConfigError
+from extproc.ops.envoy_cors import parse_origin
 from extproc.ops.envoy_security import (
     DEFAULT_JWT_MAX_LIFETIME_S,
     DEFAULT_MAX_CONNECTIONS,
@@ -73,6 +75,26 @@ def add_write_path_flag(parser: argparse.ArgumentParser, *, default: WritePath, 
         choices=list(WritePath),
         default=default,
         help=f"{what} (default {default})",
+    )
+
+
+def origin(text: str) -> str:
+    try:
+        return parse_origin(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_cors_flag(parser: argparse._ActionsContainer) -> None:
+    parser.add_argument(
+        "--cors-origin",
+        type=origin,
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="ORIGIN",
+        help="let browser pages on this origin (e.g. https://app.example.com) stream, resume "
+        "and read sessions; repeatable (TOML: a list). Default: no cross-origin grant",
     )
 
 
@@ -209,6 +231,7 @@ def add_security_flags(parser: argparse.ArgumentParser) -> None:
         help=f"seconds a client has to send its request headers "
         f"(default {DEFAULT_REQUEST_HEADERS_TIMEOUT_S:g})",
     )
+    add_cors_flag(group)
 
 
 CONFIG_COMMANDS = ("up", "serve")

@@ -7,11 +7,18 @@ any other and every front counts resume outcomes the same way.
 from __future__ import annotations
 
 from extproc.access.grants import Access
-from extproc.errors import AccessDenied, MalformedEventId, SessionGone, SessionNotFound
+from extproc.errors import (
+    AccessDenied,
+    MalformedEventId,
+    SessionConflict,
+    SessionGone,
+    SessionNotFound,
+)
 from extproc.node.metrics import RelayMetrics
 from extproc.session.framing import sse_data, sse_event_name
 from extproc.session.ids import EventId, parse_event_id
 from extproc.session.log import Cursor, EndState, SessionLog
+from extproc.session.request_key import RequestKey
 from extproc.store.base import SessionStore
 from extproc.vocabulary import Framing, ReaderProtocol, ResumeOutcome
 
@@ -35,7 +42,22 @@ _OUTCOMES: tuple[tuple[type[Exception], ResumeOutcome], ...] = (
     (AccessDenied, ResumeOutcome.FORBIDDEN),  # before its base class: the same 404 to clients
     (SessionNotFound, ResumeOutcome.UNKNOWN),
     (SessionGone, ResumeOutcome.EXPIRED),
+    (SessionConflict, ResumeOutcome.CONFLICT),
 )
+
+
+def check_same_request(log: SessionLog, request: RequestKey) -> None:
+    """A resume on the original endpoint must repeat the request that created the session;
+    otherwise it would be answered with another question's answer. A session whose request
+    is not known (not a generation route) is not checked."""
+    created = RequestKey.parse(log.request_key)
+    difference = None if created is None else created.difference(request)
+    if difference is not None:
+        raise SessionConflict(
+            f"this Last-Event-ID belongs to session {log.session_id}, created by another "
+            f"request (this one has {difference}); a resume must repeat the request that "
+            "created the session"
+        )
 
 
 async def resume_cursor(
@@ -46,17 +68,21 @@ async def resume_cursor(
     *,
     protocol: ReaderProtocol,
     session_id: str | None = None,
+    request: RequestKey | None = None,
 ) -> Cursor:
     """A cursor for a client that came back with an event id; counts the outcome.
 
-    `session_id`, when the path already names the session, must match the id's session.
+    `session_id`, when the path already names the session, must match the id's session;
+    `request`, a repeated request on the original endpoint, must be the one that created it.
     """
     try:
         event_id = parse_event_id(text)
         if session_id is not None and event_id.session != session_id:
             raise MalformedEventId("the event id belongs to another session")
         cursor = await open_cursor(store, event_id, access)
-    except (MalformedEventId, SessionNotFound, SessionGone) as error:
+        if request is not None:
+            check_same_request(cursor.log, request)
+    except (MalformedEventId, SessionNotFound, SessionGone, SessionConflict) as error:
         outcome = next(o for kind, o in _OUTCOMES if isinstance(error, kind))
         metrics.resumed(outcome, protocol)
         raise

@@ -6,7 +6,7 @@ not on each other.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -15,7 +15,7 @@ from extproc.access.grants import SHARE_HEADER, SHARE_QUERY, Access
 from extproc.access.identity import IDENTITY_HEADER, JWT_PAYLOAD_HEADER, owner_key
 from extproc.access.quota import SessionQuota
 from extproc.detached.generations import Generations
-from extproc.errors import InvalidArgument, RelayError
+from extproc.errors import InvalidArgument, LimitExceeded, RelayError
 from extproc.node.metrics import RelayMetrics
 from extproc.readers.cursors import open_cursor, resume_cursor
 from extproc.readers.registry import ReaderRegistry
@@ -93,6 +93,22 @@ async def reader_cursor(
             node.store, node.metrics, text, access, protocol=protocol, session_id=session_id
         )
     return await open_cursor(node.store, EventId(session_id, 0), access)
+
+
+def client_target(request: web.Request) -> str:
+    """The client's path and query exactly as sent, on a route Envoy re-routed here with a
+    prefix (/v1/x?q arrives as /_relay/<kind>/v1/x?q)."""
+    return "/" + request.raw_path.split("/", 3)[3]
+
+
+async def body_chunks(request: web.Request, max_bytes: int) -> AsyncIterator[bytes]:
+    """The request body as it arrives, at most `max_bytes` of it (then LimitExceeded)."""
+    size = 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > max_bytes:
+            raise LimitExceeded(f"request body larger than {max_bytes} bytes")
+        yield chunk
 
 
 def stream_headers(log: SessionLog, content_type: str) -> dict[str, str]:

@@ -160,6 +160,12 @@ def framing_of(content_type: str) -> Framing | None:
     return _FRAMINGS.get(content_type.partition(";")[0].strip().lower())
 
 
+def identity_coded(content_encoding: str | None) -> bool:
+    """Whether a body with this Content-Encoding is the bytes as written, so it can be framed
+    (a gzipped stream is passed through untouched, as no session)."""
+    return content_encoding is None or content_encoding.strip().lower() in ("", "identity")
+
+
 def new_framer(
     framing: Framing, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
 ) -> SseFramer | NdjsonFramer:

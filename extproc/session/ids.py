@@ -18,8 +18,14 @@ SESSION_HEADER = "x-relay-session"
 LAST_EVENT_ID_HEADER = "last-event-id"
 SESSION_ID_BYTES = 16
 MAX_EVENT_ID_LENGTH = 64
-_SESSION_RE = re.compile(r"[A-Za-z0-9_-]{22}")
-_EVENT_ID_RE = re.compile(r"([A-Za-z0-9_-]{22}):(0|[1-9][0-9]{0,14})")
+SESSION_ID_PATTERN = "[A-Za-z0-9_-]{22}"
+SEQ_PATTERN = "(0|[1-9][0-9]{0,14})"
+# What a relay-issued event id looks like. Envoy's `relay_resume` route (envoy/envoy.yaml)
+# matches Last-Event-ID with this very pattern, so only relay ids are taken from the upstream
+# (a test keeps the two equal).
+EVENT_ID_PATTERN = f"{SESSION_ID_PATTERN}:{SEQ_PATTERN}"
+_SESSION_RE = re.compile(SESSION_ID_PATTERN)
+_EVENT_ID_RE = re.compile(f"({SESSION_ID_PATTERN}):{SEQ_PATTERN}")
 
 
 def new_session_id() -> str:

@@ -41,6 +41,7 @@ class SessionLog:
         "owner",
         "peak_readers",
         "reason",
+        "request_key",
         "session_id",
         "state",
         "write_path",
@@ -57,6 +58,9 @@ class SessionLog:
         self.framing: Framing = framing  # derived once; every reader asks the log
         self.write_path = write_path
         self.owner = owner  # the identity that created it ("" when auth is off)
+        # The request that created it (session/request_key.py), which a resume must repeat;
+        # "" while unknown (a stream on a route that is not a generation route).
+        self.request_key = ""
         self.created_at = time.monotonic()
         self.last_append_at = self.created_at
         self.peak_readers = 0  # most readers at once; kept by whoever counts readers

@@ -71,6 +71,7 @@ class Mirrors:
             write_path=WritePath(meta.get(b"write_path", b"inline").decode()),
             owner=meta.get(b"owner", b"").decode(),
         )
+        mirror.request_key = meta.get(b"request", b"").decode()
         if not _copy(entries(stored), mirror):
             raise SessionGone(f"session {session_id} was evicted from the store")
         if mirror.state is EndState.OPEN and meta.get(b"state", b"open") != b"open":

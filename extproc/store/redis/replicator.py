@@ -107,6 +107,7 @@ class Replicator:
                                 session.write_path.value,
                                 self._node_id,
                                 session.owner,
+                                session.request_key,
                             ],
                             client=pipe,
                         )

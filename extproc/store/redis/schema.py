@@ -3,7 +3,8 @@
 Keys of one session share a hash tag, so one script can touch them all (Redis Cluster too):
   {prefix}:{<id>}:events   stream; entry `0-<seq>` holds event <seq> in field `d`; the end
                            marker `0-<last_seq+1>` (fields `end`, `reason`) comes with the end
-  {prefix}:{<id>}:meta     hash: state, reason, last_seq, content_type, write_path, node, owner
+  {prefix}:{<id>}:meta     hash: state, reason, last_seq, content_type, write_path, node, owner,
+                           request (the key a resume must repeat, session/request_key.py)
   {prefix}:{<id>}:gone     the owner, written at the end and kept a day longer: 410, not 404
   {prefix}:{<id>}:shares   hash: share token id -> "<expiry> <sha256 of its secret>"
   {prefix}:{<id>}:readers  hash: node -> "<readers> <expiry ms>", who reads the session where
@@ -46,7 +47,7 @@ local b = 2 + count
 local state = ARGV[b + 1]
 redis.call('HSET', KEYS[2], 'state', state, 'reason', ARGV[b + 2], 'last_seq', last,
   'content_type', ARGV[b + 5], 'write_path', ARGV[b + 6], 'node', ARGV[b + 7],
-  'owner', ARGV[b + 8])
+  'owner', ARGV[b + 8], 'request', ARGV[b + 9])
 if state ~= 'open' then
   redis.call('XADD', KEYS[1], '0-' .. (last + 1), 'end', state, 'reason', ARGV[b + 2])
   redis.call('SET', KEYS[3], ARGV[b + 8], 'PX', ARGV[b + 4])
