@@ -109,7 +109,7 @@ def measure(write_path: str) -> str:
         if write_path == "detached":
             line += (
                 f"; its cursor for the client wrote {delivered:,.0f} events "
-                f"({delivered * logged / max(events, 1) / MIB:.2f} MiB untagged) and stopped "
+                f"(~{delivered * logged / max(events, 1) / MIB:.2f} MiB) and stopped "
                 f"there; the lag gauge read {lag:,.0f} events"
             )
         else:
