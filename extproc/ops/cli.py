@@ -242,7 +242,6 @@ def _up(args: argparse.Namespace) -> int:
         nodes=args.nodes,
         security=security,
         upstream_key_file=args.upstream_key_file,
-        drain_timeout=args.drain_timeout,
     )
     try:
         stack = start_stack(options)

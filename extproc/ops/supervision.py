@@ -46,12 +46,10 @@ class Restarts:
     exits: list[float] = field(default_factory=list)  # monotonic times within the window
     due: float | None = None  # when to start it again
     started: float | None = None  # when it was started again, until it is ready
-    total: int = 0
 
     def exited(self, now: float) -> int:
         """Record an exit; how many fell within the crash window."""
         self.exits = [t for t in self.exits if now - t < CRASH_WINDOW_S] + [now]
-        self.total += 1
         return len(self.exits)
 
     def backoff(self) -> float:

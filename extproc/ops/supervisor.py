@@ -109,7 +109,6 @@ class StackOptions:
     relay_args: Sequence[str] = ()  # `serve` flags for every node, e.g. --store redis://...
     nodes: int = 1  # relay processes behind Envoy; more than one needs a shared store
     envoy_log_level: str = "warning"
-    drain_timeout: float = 20.0  # the relay nodes' --drain-timeout (also in relay_args)
     # Authentication, TLS and Envoy's limits; None renders the template without them.
     security: EnvoySecurity | None = None
     # The LLM API key (one line). Envoy injects it upstream; the demo upstream then requires it.
