@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -19,7 +21,8 @@ from extproc.node.config import RELAY_FLAGS, NodeSettings
 from extproc.ops.cli import _relay_argv, build_parser, main
 from extproc.ops.envoy_render import EnvoyPorts, Upstream, render
 from extproc.ops.envoy_security import EnvoySecurity
-from extproc.ops.supervisor import envoy_binary
+from extproc.ops.ports import WantedPort, busy_port_in_log, in_use
+from extproc.ops.supervisor import Stack, StartupError, envoy_binary, start_envoy
 
 CLI = [sys.executable, "-m", "extproc"]
 
@@ -268,3 +271,70 @@ def test_config_files_hold_the_same_settings_as_flags(
     assert status == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and names in lines[0], err
+
+
+@contextlib.contextmanager
+def held_port(*, reuse_port: bool = False) -> Iterator[int]:
+    """A loopback port with a listener on it (with SO_REUSEPORT, as another Envoy holds it)."""
+    with socket.socket() as holder:
+        if reuse_port:
+            holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        yield holder.getsockname()[1]
+
+
+@pytest.mark.parametrize("reuse_port", [False, True])
+@pytest.mark.parametrize("flag", ["--port", "--admin-port"])
+def test_up_refuses_a_busy_port_naming_it_and_its_flag(
+    capsys: pytest.CaptureFixture[str], flag: str, reuse_port: bool
+) -> None:
+    with held_port(reuse_port=reuse_port) as busy:
+        ports = {"--port": "0", "--admin-port": "0", flag: str(busy)}
+        status, out, err = run_main(capsys, "up", "--demo", *(x for p in ports.items() for x in p))
+    assert status == 2, (out, err)
+    assert out == ""
+    assert err == f"stream-relay: error: port {busy} ({flag}) is in use on 127.0.0.1\n"
+
+
+def test_envoy_never_shares_a_port_and_its_bind_error_names_the_flag(tmp_path: Path) -> None:
+    """A port taken between up's check and Envoy's bind: Envoy (enable_reuse_port: false)
+    fails instead of taking a share of the connections, and up reads its error back."""
+    stack = Stack(tmp_path)
+    try:
+        with held_port(reuse_port=True) as busy:
+            config = tmp_path / "envoy.yaml"
+            config.write_text(
+                render(
+                    EnvoyPorts(
+                        listen_port=busy, admin_port=0, relay_grpc_port=1, relay_http_port=2
+                    ),
+                    Upstream.from_url("http://127.0.0.1:9"),
+                )
+            )
+            with pytest.raises(StartupError) as failed:
+                start_envoy(stack, config)
+        wanted = [WantedPort("--port", "127.0.0.1", busy), WantedPort("--admin-port", "x", 0)]
+        busy_error = busy_port_in_log(str(failed.value), wanted)
+        assert busy_error is not None, failed.value
+        assert str(busy_error) == f"port {busy} (--port) is in use on 127.0.0.1"
+    finally:
+        stack.stop()
+
+
+def test_a_port_in_time_wait_only_is_free() -> None:
+    """A port whose last listener (an Envoy: SO_REUSEADDR) is gone, with a connection of it
+    still in TIME_WAIT: Envoy binds it again, so the check lets it through."""
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = server.accept()
+        accepted.close()  # the server side closes first: its end waits in TIME_WAIT
+        client.close()
+    assert not in_use("127.0.0.1", port)
+    with held_port() as busy:
+        assert in_use("127.0.0.1", busy)
+        assert in_use("0.0.0.0", busy)

@@ -3,12 +3,8 @@ relay down."""
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -248,25 +244,14 @@ def test_relay_down_fails_open_untagged_then_recovers(own_stack: Stack) -> None:
     assert events_of(response.content)[-1] == b"data: [DONE]\n\n"
     assert envoy_stats(own_stack)["http.relay.ext_proc.failure_mode_allowed"] >= 1
 
-    # A new relay node on the same ports, as an orchestrator restarting it would start one.
-    bound = json.loads((own_stack.workdir / "relay.ports").read_text())
-    argv = ["serve", "--grpc-port", str(bound["grpc_port"]), "--http-port", str(bound["http_port"])]
-    restarted = subprocess.Popen(
-        [sys.executable, "-m", "extproc.ops.cli", *argv, "--egress-url", own_stack.egress_url],
-        stdout=subprocess.DEVNULL,
-        stderr=(own_stack.workdir / "relay-restarted.log").open("wb"),
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 20
-        tagged = None
-        while time.monotonic() < deadline:
-            response = stream_bytes(own_stack, chat(prompt="relay is back"))
-            if "x-relay-session" in response.headers:
-                tagged = response
-                break
-        assert tagged is not None, "relay restarted but responses were never tagged again"
-        assert len(ID_LINE.findall(tagged.content)) == len(events_of(tagged.content))
-    finally:
-        os.killpg(restarted.pid, signal.SIGTERM)
-        restarted.wait(timeout=10)
+    # The node started again at the same addresses (Unix sockets), as `up` restarts it.
+    own_stack.respawn(relay)
+    deadline = time.monotonic() + 20
+    tagged = None
+    while time.monotonic() < deadline:
+        response = stream_bytes(own_stack, chat(prompt="relay is back"))
+        if "x-relay-session" in response.headers:
+            tagged = response
+            break
+    assert tagged is not None, "relay restarted but responses were never tagged again"
+    assert len(ID_LINE.findall(tagged.content)) == len(events_of(tagged.content))

@@ -149,7 +149,8 @@ def wait_relay_unhealthy(stack: Stack) -> None:
     deadline = time.monotonic() + HEALTH_DEADLINE_S
     while time.monotonic() < deadline:
         clusters = httpx.get(f"{stack.admin_url}/clusters", timeout=5).text
-        flags = re.findall(r"^relay_(?:http|grpc)::[^:]+:\d+::health_flags::(.*)$", clusters, re.M)
+        # the endpoint is a TCP address or (under `up`) a Unix socket path
+        flags = re.findall(r"^relay_(?:http|grpc)::\S+?::health_flags::(.*)$", clusters, re.M)
         if len(flags) == 2 and all("failed_active_hc" in f for f in flags):
             return
         time.sleep(0.1)

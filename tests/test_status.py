@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -15,7 +17,8 @@ from test_detached import open_stream, read_events
 from test_e2e import chat, events_of
 from test_observability import relay_value, wait_for
 
-from extproc.ops.status import parse, render, summarize
+from extproc.ops.stack_state import StackState, publish, running_stacks
+from extproc.ops.status import DEFAULT_METRICS_URL, default_url, parse, render, run, summarize
 from extproc.ops.supervisor import Stack
 
 CLI = [sys.executable, "-m", "extproc.ops.cli", "status"]
@@ -152,3 +155,38 @@ def test_rates_survive_a_restarted_node() -> None:
     summary = summarize(before, after, 1.0, "http://relay/metrics")
     assert summary.events_per_s == 0.0
     assert "0.0/s appended" in render(summary)
+
+
+@pytest.fixture
+def runtime_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A per-user state directory of this test's own (stream-relay up's state files)."""
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    return tmp_path / "stream-relay"
+
+
+def test_status_without_a_url_reads_the_stack_up_runs(
+    runtime_dir: Path, status_stack: Stack
+) -> None:
+    stack = status_stack
+    publish(StackState(os.getpid(), stack.base_url, stack.admin_url, (stack.metrics_url,)))
+    lines: list[str] = []
+    assert run(None, 0.1, out=lines.append, err=lines.append) == 0
+    assert lines[0].startswith(f"stream-relay status  {stack.metrics_url}  ")
+
+
+def test_status_ignores_the_state_of_an_up_that_is_gone(runtime_dir: Path) -> None:
+    gone = subprocess.Popen(["true"])  # a pid that has exited (and been reaped)
+    gone.wait()
+    path = publish(StackState(gone.pid, "http://x", "http://y", ("http://127.0.0.1:9/metrics",)))
+    assert running_stacks() == []
+    assert not path.exists()  # cleaned up
+    assert default_url() == DEFAULT_METRICS_URL
+
+
+def test_status_asks_which_stack_when_several_are_up(runtime_dir: Path) -> None:
+    for pid in (os.getpid(), os.getppid()):
+        publish(StackState(pid, "http://b", "http://a", (f"http://127.0.0.1:{pid}/metrics",)))
+    lines: list[str] = []
+    assert run(None, 0.1, out=lines.append, err=lines.append) == 1
+    assert len(lines) == 1
+    assert lines[0].startswith("stream-relay: 2 stacks are up; pass --metrics-url, one of: ")

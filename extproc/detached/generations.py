@@ -28,13 +28,14 @@ from extproc.store.base import SessionStore
 DEFAULT_DETACH_GRACE_S = 30.0
 DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024
 EGRESS_CONNECT_TIMEOUT_S = 10.0
+UNIX_EGRESS = "unix:"  # --egress-url unix:/path/egress.sock: Envoy's egress on a Unix socket
 
 
 @dataclass(frozen=True, kw_only=True)
 class DetachSettings:
     """Named as their flags: --egress-url, --detach-grace, --max-request-bytes."""
 
-    egress_url: str = ""  # Envoy's egress listener, e.g. http://127.0.0.1:10001; "" = disabled
+    egress_url: str = ""  # Envoy's egress, http://127.0.0.1:10001 or unix:/path; "" = disabled
     detach_grace: float = DEFAULT_DETACH_GRACE_S  # a generation outlives its last reader so long
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # a generation request body, at most
 
@@ -78,10 +79,14 @@ class Generations:
         self._http: aiohttp.ClientSession | None = None
         metrics.generations_running = lambda: len(self._running)
 
-    async def close(self) -> None:
-        """Shutdown: cancel every generation (their logs end `cancelled`)."""
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    async def close(self, reason: str = "relay node stopping") -> None:
+        """Shutdown: cancel every generation (their logs end `cancelled` with `reason`)."""
         for generation in list(self._running.values()):
-            generation.task.cancel("relay node shutting down")
+            generation.task.cancel(reason)
         await asyncio.gather(*(g.task for g in self._running.values()), return_exceptions=True)
         if self._http is not None:
             await self._http.close()
@@ -134,8 +139,14 @@ class Generations:
 
     def _client(self) -> aiohttp.ClientSession:
         if self._http is None:
+            socket_path = self.settings.egress_url.removeprefix(UNIX_EGRESS)
+            unix = socket_path != self.settings.egress_url
             self._http = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0),
+                connector=(
+                    aiohttp.UnixConnector(socket_path, limit=0)
+                    if unix
+                    else aiohttp.TCPConnector(limit=0)
+                ),
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=EGRESS_CONNECT_TIMEOUT_S),
                 auto_decompress=False,
             )
@@ -148,7 +159,9 @@ class Generations:
         `target` is the path and query exactly as the client sent them."""
         if not self.settings.egress_url:
             raise UpstreamUnreachable("the detached path is not configured (no --egress-url)")
-        url = URL(self.settings.egress_url.rstrip("/") + target, encoded=True)
+        egress = self.settings.egress_url
+        base = "http://localhost" if egress.startswith(UNIX_EGRESS) else egress.rstrip("/")
+        url = URL(base + target, encoded=True)
         try:
             return await self._client().request(
                 method, url, data=body, headers=upstream_request_headers(headers.items())

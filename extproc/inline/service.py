@@ -36,6 +36,8 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):  # type: ignor
         self._metrics = metrics
         self._max_event_bytes = max_event_bytes
         self._write_path = write_path  # `serve --write-path`: for routes that name none
+        self.streams = 0  # ext_proc streams running (a stopping node waits for them)
+        self.stop_reason = ""  # set when the node stops: why the streams it cuts ended
 
     async def Process(
         self,
@@ -55,6 +57,7 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):  # type: ignor
             default_route=self._write_path,
         )
         timings = metrics.processor_message
+        self.streams += 1
         try:
             async for request in request_iterator:
                 started = time.perf_counter()
@@ -63,11 +66,13 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):  # type: ignor
                 if response is not None:
                     yield response
         finally:
-            # Normal ends already closed the session; anything left open lost its client.
+            self.streams -= 1
+            # Normal ends already closed the session; anything left open lost its client,
+            # unless the node is stopping and cut the stream itself.
             session = processor.session
-            if session is not None and session.state is EndState.OPEN:
+            if session is not None and session.state is EndState.OPEN and not self.stop_reason:
                 metrics.inline_client_gone()
-            processor.finish(EndState.CANCELLED, "client disconnected")
+            processor.finish(EndState.CANCELLED, self.stop_reason or "client disconnected")
 
 
 def add_to_server(servicer: ExternalProcessor, server: grpc.aio.Server) -> None:

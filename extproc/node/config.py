@@ -7,6 +7,7 @@ name. RELAY_FLAGS lists the ones `up` passes on to every `serve` it starts.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -27,6 +28,7 @@ DEFAULT_HTTP_PORT = 8081
 DEFAULT_NODE_WRITE_PATH = WritePath.INLINE
 MAX_PORT = 65535
 MIN_EVENT_BYTES = 1024
+DEFAULT_DRAIN_TIMEOUT_S = 20.0  # SIGTERM: how long running work may finish before it is cut
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,6 +36,10 @@ class NodeSettings:
     host: str = DEFAULT_HOST
     grpc_port: int = 0  # ext_proc and relay.v1 over HTTP/2; 0 picks a free port
     http_port: int = 0  # resumes, reader endpoints, /metrics, /healthz
+    # The same two servers on Unix sockets too (`up` links Envoy to them there); "" = none.
+    grpc_socket: str = ""
+    http_socket: str = ""
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT_S  # SIGTERM: running work may finish so long
     store: str = "memory"  # or redis://host:port/db: sessions shared by several nodes
     node_lease: float = DEFAULT_LEASE_S  # with Redis: a node silent this long is dead
     max_event_bytes: int = DEFAULT_MAX_FRAME_BYTES  # largest upstream event we frame
@@ -58,6 +64,8 @@ class NodeSettings:
             )
         if self.max_sessions_per_identity < 1:
             raise ConfigError("--max-sessions-per-identity must be >= 1")
+        if not 0 <= self.drain_timeout < math.inf:
+            raise ConfigError(f"--drain-timeout must be >= 0 and finite, got {self.drain_timeout}")
 
     @classmethod
     def from_flags(cls, flags: Mapping[str, Any]) -> NodeSettings:
@@ -72,7 +80,15 @@ class NodeSettings:
 
 
 _GROUPS = {"limits": StoreLimits, "detach": DetachSettings, "readers": ReaderLimits}
-_SET_BY_UP = {"host", "grpc_port", "http_port", "egress_url", "max_tombstones"}
+_SET_BY_UP = {
+    "host",
+    "grpc_port",
+    "http_port",
+    "grpc_socket",
+    "http_socket",
+    "egress_url",
+    "max_tombstones",
+}
 
 
 def _pick(group: type, flags: Mapping[str, Any]) -> dict[str, Any]:

@@ -118,6 +118,7 @@ class RelayMetrics:
         # Read at scrape time from whoever holds the thing counted; the node wires them.
         self.store_bytes: Callable[[], float] = lambda: 0
         self.store_sessions: Callable[[], float] = lambda: 0
+        self.store_tombstones: Callable[[], float] = lambda: 0
         self.replication_pending: Callable[[], float] = lambda: 0
         self.generations_running: Callable[[], float] = lambda: 0
         self.reader_lag_max: Callable[[], float] = lambda: 0
@@ -281,6 +282,11 @@ class RelayMetrics:
             "relay_store_capacity_bytes", "The store's byte bound", self.store_capacity_bytes
         )
         yield _gauge("relay_store_sessions", "Sessions held", self.store_sessions())
+        yield _gauge(
+            "relay_store_tombstones",
+            "Ids of dropped sessions remembered (a reader gets 410, not 404); bounded",
+            self.store_tombstones(),
+        )
         yield _counter(
             "relay_store_dropped_sessions",
             "Sessions the store let go: evicted (bytes) or expired (TTL)",

@@ -3,7 +3,13 @@
 This is where the parts meet: the store, the session quota, the reader registry and the
 detached generations are made here and handed to each other and to the fronts. Ports may be
 0 (the OS picks); the bound ports are written to a ports file once the node is ready, so a
-supervisor never races on a guessed port.
+supervisor never races on a guessed port. With `--grpc-socket`/`--http-socket` both servers
+also listen on Unix sockets (how `up` links Envoy to them).
+
+Stopping: SIGTERM drains (health turns NOT_SERVING and /healthz 503 so Envoy sends new work
+elsewhere; running generations, inline streams and readers go on for up to --drain-timeout),
+then whatever still runs ends `cancelled` ("relay node stopping"). SIGINT, or a second
+SIGTERM, skips what is left of the drain.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ import json
 import logging
 import os
 import signal
+import stat
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +43,17 @@ from extproc.readers.registry import ReaderRegistry
 from extproc.store import SessionStore, open_store
 
 log = logging.getLogger("stream_relay.node")
-GRACE_S = 5.0
+STOP_REASON = "relay node stopping"
+# After the drain: how long cut streams get to write their end before the servers close.
+SERVER_SHUTDOWN_S = 1.0
+IDLE_POLL_S = 0.1  # how often a draining node looks whether its work is done
+# The kernel caps a listen backlog at net.core.somaxconn (4096 on current kernels); aiohttp's
+# 128 overflowed under a burst of readers (Envoy then answers 503 for the refused connects).
+LISTEN_BACKLOG = 4096
+# Above Envoy's largest request header limit (max_request_headers_kb ≤ 8192 KiB), so Envoy's
+# limit is the one that applies and an oversized header value reaches the relay's typed errors
+# instead of aiohttp's plain-text 400 (its default is 8190 bytes).
+MAX_HEADER_FIELD_BYTES = 8192 * 1024 + 1024
 
 
 @dataclass(frozen=True)
@@ -46,16 +64,60 @@ class RunningNode:
     http_port: int
     store: SessionStore
     generations: Generations
-    background: asyncio.Task[None]
+    readers: ReaderRegistry
+    processor: service.ExternalProcessor
+    health: health.aio.HealthServicer  # type: ignore[name-defined]
+    draining: asyncio.Event  # set: /healthz answers 503
+    background: tuple[asyncio.Task[None], ...]
 
-    async def stop(self, grace: float = GRACE_S) -> None:
-        await self.grpc_server.stop(grace)
-        await self.generations.close()
+    def busy(self) -> bool:
+        """Work that a drain waits for: detached generations, ext_proc streams, readers."""
+        return bool(self.generations.running or self.processor.streams or self.readers.attached)
+
+    async def drain(self, limit_s: float, hurry: asyncio.Event) -> None:
+        """Take no new work, and wait until the running work is done, `limit_s` passes or
+        `hurry` is set, whichever comes first."""
+        self.draining.set()
+        await self.health.enter_graceful_shutdown()  # Envoy's checks see NOT_SERVING
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit_s
+        while self.busy() and not hurry.is_set() and (left := deadline - loop.time()) > 0:
+            # Polled (a drain is rare and short); `hurry` cuts the wait.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(hurry.wait(), min(IDLE_POLL_S, left))
+
+    async def stop(self, grace: float = SERVER_SHUTDOWN_S) -> None:
+        """End what still runs `cancelled` (STOP_REASON), give its readers `grace` to write
+        the end, close both servers and the store."""
+        self.processor.stop_reason = STOP_REASON
+        await self.generations.close(STOP_REASON)
+        await self.grpc_server.stop(grace)  # inline streams left end with their stream
         await self.http_runner.cleanup()
-        self.background.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.background
+        for task in self.background:
+            task.cancel()
+        await asyncio.gather(*self.background, return_exceptions=True)
         await self.store.close()  # last: ended generations are copied to a shared store
+
+
+def _health_gate(draining: asyncio.Event) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """/healthz fails while the node drains, so Envoy's HTTP checks agree with gRPC's."""
+
+    @web.middleware
+    async def gate(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if draining.is_set() and request.path == "/healthz":
+            return web.json_response({"status": "draining"}, status=503)
+        return await handler(request)
+
+    return gate
+
+
+def _unlink_stale_socket(path: str) -> None:
+    """A socket file left by a node that died (it cannot be bound over); nothing else."""
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
 
 
 async def start_node(settings: NodeSettings) -> RunningNode:
@@ -77,19 +139,17 @@ async def start_node(settings: NodeSettings) -> RunningNode:
 
     readers = ReaderRegistry(settings.readers, metrics, on_change=readers_changed)
     await store.start(on_cancel=generations.cancel, reader_counts=readers.counts)
-    background = asyncio.create_task(readers.watch_shares(store.valid_shares))
+    background = (asyncio.create_task(readers.watch_shares(store.valid_shares)),)
 
     server = grpc.aio.server()
-    service.add_to_server(
-        service.ExternalProcessor(
-            store,
-            quota,
-            metrics,
-            max_event_bytes=settings.max_event_bytes,
-            write_path=settings.write_path,
-        ),
-        server,
+    processor = service.ExternalProcessor(
+        store,
+        quota,
+        metrics,
+        max_event_bytes=settings.max_event_bytes,
+        write_path=settings.write_path,
     )
+    service.add_to_server(processor, server)
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     grpc_relay.add_to_server(grpc_relay.RelayServicer(store, readers, metrics), server)
@@ -97,22 +157,45 @@ async def start_node(settings: NodeSettings) -> RunningNode:
         (grpc_relay.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     grpc_port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+    if settings.grpc_socket:
+        _unlink_stale_socket(settings.grpc_socket)
+        server.add_insecure_port(f"unix:{settings.grpc_socket}")
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
 
+    draining = asyncio.Event()
+    app = make_app(Node(store, readers, generations, quota, metrics))
+    app.middlewares.append(_health_gate(draining))
     # handler_cancellation: a reader whose client went away stops counting at once, which
     # is what starts a detached generation's grace period.
     runner = web.AppRunner(
-        make_app(Node(store, readers, generations, quota, metrics)),
+        app,
         access_log=None,
         handle_signals=False,
         handler_cancellation=True,
+        shutdown_timeout=SERVER_SHUTDOWN_S,
+        max_line_size=MAX_HEADER_FIELD_BYTES,
+        max_field_size=MAX_HEADER_FIELD_BYTES,
     )
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.http_port)
-    await site.start()
+    await web.TCPSite(runner, settings.host, settings.http_port, backlog=LISTEN_BACKLOG).start()
     http_port = runner.addresses[0][1]
-    return RunningNode(server, runner, grpc_port, http_port, store, generations, background)
+    if settings.http_socket:
+        _unlink_stale_socket(settings.http_socket)
+        await web.UnixSite(runner, settings.http_socket, backlog=LISTEN_BACKLOG).start()
+    return RunningNode(
+        server,
+        runner,
+        grpc_port,
+        http_port,
+        store,
+        generations,
+        readers,
+        processor,
+        health_servicer,
+        draining,
+        background,
+    )
 
 
 def write_ports_file(path: Path, ports: dict[str, int]) -> None:
@@ -133,10 +216,23 @@ async def serve(settings: NodeSettings, ports_file: Path | None = None) -> None:
     )
     if ports_file is not None:
         write_ports_file(ports_file, {"grpc_port": node.grpc_port, "http_port": node.http_port})
-    stop = asyncio.Event()
+    stop, hurry = asyncio.Event(), asyncio.Event()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if sig is signal.SIGINT or stop.is_set():
+            hurry.set()
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     await stop.wait()
+    if not hurry.is_set() and node.busy():
+        log.info(
+            "relay node draining: running work may finish for up to %gs "
+            "(SIGINT or another SIGTERM stops now)",
+            settings.drain_timeout,
+        )
+        await node.drain(settings.drain_timeout, hurry)
     log.info("relay node stopping")
     await node.stop()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -26,7 +27,7 @@ from extproc.node.config import (
     RELAY_FLAGS,
     NodeSettings,
 )
-from extproc.ops import flags
+from extproc.ops import flags, stack_state
 from extproc.ops.envoy_render import EnvoyPorts, Upstream, render, snippet
 from extproc.ops.envoy_security import (
     EnvoySecurity,
@@ -35,7 +36,9 @@ from extproc.ops.envoy_security import (
     parse_api_keys,
     read_upstream_key,
 )
-from extproc.ops.status import DEFAULT_INTERVAL_S, DEFAULT_METRICS_URL
+from extproc.ops.ports import WantedPort, busy_port_in_log, refuse_busy
+from extproc.ops.stack_state import StackState
+from extproc.ops.status import DEFAULT_INTERVAL_S
 from extproc.store import MEMORY, RedisSettings
 from extproc.vocabulary import WritePath
 
@@ -141,6 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="HTTP front: resumes, /metrics, /healthz (default 8081)",
     )
     serve.add_argument("--ports-file", type=Path, help="write the bound ports here as JSON")
+    serve.add_argument(
+        "--grpc-socket",
+        default="",
+        metavar="PATH",
+        help="also serve ext_proc and relay.v1 gRPC on this Unix socket",
+    )
+    serve.add_argument(
+        "--http-socket", default="", metavar="PATH", help="also serve HTTP on this Unix socket"
+    )
     serve.add_argument("--config", metavar="FILE", help="TOML file of these flags (flags win)")
     serve.add_argument(
         "--egress-url",
@@ -178,9 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="summarize a running relay node from its metrics")
     status.add_argument(
         "--metrics-url",
-        default=DEFAULT_METRICS_URL,
         metavar="URL",
-        help=f"the relay node's /metrics (default {DEFAULT_METRICS_URL})",
+        help="a relay node's /metrics (default: that of the stack `stream-relay up` runs "
+        "for this user, else http://127.0.0.1:8081/metrics)",
     )
     status.add_argument(
         "--interval",
@@ -217,7 +229,8 @@ def _store_label(url: str) -> str:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from extproc.ops.supervisor import StackOptions, StartupError, run_until_signalled, start_stack
+    from extproc.ops.supervision import Supervisor
+    from extproc.ops.supervisor import StackOptions, StartupError, start_stack
 
     if args.upstream is not None:
         problem = Upstream.from_url(args.upstream).unreachable()  # fail fast, warn early
@@ -228,6 +241,11 @@ def _up(args: argparse.Namespace) -> int:
     elif args.nodes > 1:
         raise ConfigError("--nodes above 1 needs a shared store: --store redis://host:port/db")
     security = _security(args)
+    wanted = [
+        WantedPort("--port", args.listen_address, args.port),
+        WantedPort("--admin-port", "127.0.0.1", args.admin_port),
+    ]
+    refuse_busy(wanted)
     options = StackOptions(
         port=args.port,
         admin_port=args.admin_port,
@@ -243,6 +261,9 @@ def _up(args: argparse.Namespace) -> int:
     try:
         stack = start_stack(options)
     except StartupError as exc:
+        busy = busy_port_in_log(str(exc), wanted)  # taken between the check and Envoy's bind
+        if busy is not None:
+            raise busy from None
         print(f"stream-relay: {exc}", file=sys.stderr)
         return 1
     print(
@@ -253,12 +274,33 @@ def _up(args: argparse.Namespace) -> int:
         + f"  session store  {_store_label(args.store)}\n"
         f"  demo page      {stack.base_url}/relay/v1/demo/\n"
         f"  upstream       {stack.upstream_url}{'  (demo)' if args.demo else ''}\n"
-        f"  logs           {stack.workdir}\n"
+        f"  logs           {stack.workdir}  (removed when the stack stops)\n"
         f"{auth_line(security)}\n"
         f"Ctrl-C stops everything.",
         flush=True,
     )
-    return run_until_signalled(stack, print_fn=lambda line: print(line, flush=True))
+
+    def publish() -> None:
+        stack_state.publish(
+            StackState(
+                pid=os.getpid(),
+                base_url=stack.base_url,
+                admin_url=stack.admin_url,
+                metrics_urls=tuple(f"{url}/metrics" for url in stack.relay_http_urls),
+            )
+        )
+
+    publish()
+    supervisor = Supervisor(
+        stack,
+        drain_timeout=args.drain_timeout,
+        print_fn=lambda line: print(line, flush=True),
+        on_change=publish,
+    )
+    try:
+        return supervisor.run()
+    finally:
+        stack_state.withdraw(os.getpid())
 
 
 def auth_line(security: EnvoySecurity) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 from extproc.access.quota import DEFAULT_MAX_SESSIONS_PER_IDENTITY
 from extproc.detached.generations import DEFAULT_DETACH_GRACE_S, DEFAULT_MAX_REQUEST_BYTES
 from extproc.errors import ConfigError
+from extproc.node.config import DEFAULT_DRAIN_TIMEOUT_S
 from extproc.ops.envoy_cors import parse_origin
 from extproc.ops.envoy_security import (
     DEFAULT_JWT_MAX_LIFETIME_S,
@@ -173,6 +174,15 @@ def add_relay_limit_flags(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_MAX_READERS_PER_IDENTITY,
         help="readers one authenticated caller may attach per relay node "
         f"(default {DEFAULT_MAX_READERS_PER_IDENTITY})",
+    )
+    group.add_argument(
+        "--drain-timeout",
+        type=non_negative,
+        default=DEFAULT_DRAIN_TIMEOUT_S,
+        metavar="SECONDS",
+        help="on SIGTERM a relay node stops taking new work and lets running generations and "
+        "readers go on this long; then they end cancelled "
+        f"(default {DEFAULT_DRAIN_TIMEOUT_S:g})",
     )
 
 

@@ -2,7 +2,9 @@
 
 For people without Grafana at hand: two scrapes `interval` seconds apart give the rates
 (events/s); everything else is the second scrape. Only the relay's own metrics are read,
-so it works against any relay node, under `stream-relay up` or docker compose alike.
+so it works against any relay node, under `stream-relay up` or docker compose alike. Without
+a URL it reads the first node of the stack this user's `stream-relay up` runs (its state
+file, extproc/ops/stack_state.py), else `serve`'s default port.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from extproc.ops.stack_state import running_stacks
 from extproc.vocabulary import ENDED, ReaderProtocol, ResumeOutcome, WritePath
 
 DEFAULT_METRICS_URL = "http://127.0.0.1:8081/metrics"
@@ -186,8 +189,19 @@ def collect(url: str, interval_s: float) -> Status:
     return summarize(before, after, time.monotonic() - first, url)
 
 
+def default_url() -> str:
+    """The first relay node of the one stack `up` runs for this user, else serve's default."""
+    stacks = running_stacks()
+    if not stacks:
+        return DEFAULT_METRICS_URL
+    if len(stacks) > 1:
+        listed = ", ".join(f"{s.metrics_urls[0]} (pid {s.pid})" for s in stacks)
+        raise StatusError(f"{len(stacks)} stacks are up; pass --metrics-url, one of: {listed}")
+    return stacks[0].metrics_urls[0]
+
+
 def run(
-    url: str = DEFAULT_METRICS_URL,
+    url: str | None = None,
     interval_s: float = DEFAULT_INTERVAL_S,
     *,
     out: Callable[[str], None] = print,
@@ -195,7 +209,7 @@ def run(
 ) -> int:
     """Print the summary; an unreadable endpoint gives one line on `err` and status 1."""
     try:
-        status = collect(url, interval_s)
+        status = collect(url or default_url(), interval_s)
     except StatusError as exc:
         err(f"stream-relay: {exc}")
         return 1

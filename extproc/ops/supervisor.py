@@ -1,8 +1,13 @@
 """`stream-relay up`: runs Envoy, the relay node and (with --demo) the demo upstream as children.
 
-Start order follows the dependencies: upstream, relay (both pick free ports and publish them
-in a ports file), then Envoy with a config rendered for those ports. Every child is in its own
-process group and gets SIGTERM if this process dies (PR_SET_PDEATHSIG), so none outlives us.
+Start order follows the dependencies: upstream (it binds a free port and publishes it in a
+ports file), relay nodes, then Envoy. Envoy and the relay nodes meet on Unix sockets in a
+private directory (mode 0700): nothing else can take or race those links, and a child that is
+restarted (extproc/ops/supervision.py) comes back at the same address. Every child is in its
+own process group and gets SIGTERM if this process dies (PR_SET_PDEATHSIG), so none outlives
+us. Stopping ends the relay nodes first, while Envoy still carries their last words to the
+clients, then Envoy and the upstream; the secrets written for Envoy, the work directory `up`
+made and the socket directory are removed.
 """
 
 from __future__ import annotations
@@ -26,12 +31,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from extproc.ops.envoy_render import EnvoyPorts, Upstream, render
+from extproc.detached.generations import UNIX_EGRESS
+from extproc.ops.envoy_render import EnvoyPorts, RelaySockets, Upstream, render
 from extproc.ops.envoy_security import EnvoySecurity, read_upstream_key
 
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 _PR_SET_PDEATHSIG = 1
+RELAY = "relay"  # the name of the first relay node; the others are relay-2, relay-3, ...
 
 
 class StartupError(RuntimeError):
@@ -59,11 +66,29 @@ def _die_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def _nothing() -> None:
+    pass
+
+
+def _always() -> bool:
+    return True
+
+
 @dataclass
 class Child:
     name: str
     process: subprocess.Popen[bytes]
     log_path: Path
+    argv: list[str] = field(default_factory=list)
+    # How to bring it back (extproc/ops/supervision.py): made ready to start again, then
+    # polled until ready, then told it is (to pick up an address that changed).
+    prepare: Callable[[], None] = _nothing
+    ready: Callable[[], bool] = _always
+    became_ready: Callable[[], None] = _nothing
+
+    @property
+    def is_relay(self) -> bool:
+        return self.name == RELAY or self.name.startswith(f"{RELAY}-")
 
     def tail(self, lines: int = 15) -> str:
         try:
@@ -95,6 +120,9 @@ class Stack:
     """The running children and the URLs they serve."""
 
     workdir: Path
+    owns_workdir: bool = False  # made for this stack: removed when it stops
+    socket_dir: Path | None = None  # the private directory of the Unix socket links
+    secrets: list[Path] = field(default_factory=list)  # removed when the stack stops
     children: list[Child] = field(default_factory=list)
     base_url: str = ""
     admin_url: str = ""
@@ -106,35 +134,65 @@ class Stack:
 
     def spawn(self, name: str, argv: list[str]) -> Child:
         log_path = self.workdir / f"{name}.log"
-        with log_path.open("wb") as log_file:
-            process = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=_die_with_parent,
-            )
-        child = Child(name, process, log_path)
+        child = Child(name, _popen(argv, log_path, "wb"), log_path, argv)
         self.children.append(child)
         return child
 
+    def respawn(self, child: Child) -> None:
+        """Start a child that exited again, with the same command line and log."""
+        child.prepare()
+        with child.log_path.open("ab") as log_file:
+            log_file.write(f"--- restarted by stream-relay up at {time.ctime()} ---\n".encode())
+        child.process = _popen(child.argv, child.log_path, "ab")
+
     def stop(self) -> None:
-        """SIGTERM every child (Envoy first, so no new traffic arrives), then SIGKILL laggards."""
-        for child in reversed(self.children):
-            if child.process.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    child.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT_S
-        for child in reversed(self.children):
-            try:
-                child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                child.process.kill()
-                child.process.wait()
+        """Stop now: the relay nodes first (SIGINT: no drain; what runs ends `cancelled`)
+        while Envoy still carries their end to the clients, then every other child (SIGTERM);
+        SIGKILL for laggards. Then remove the secrets, the sockets and an own work directory."""
+        relays = [c for c in self.children if c.is_relay]
+        _signal_and_wait(relays, signal.SIGINT, STOP_TIMEOUT_S)
+        others = [c for c in reversed(self.children) if not c.is_relay]
+        _signal_and_wait(others, signal.SIGTERM, STOP_TIMEOUT_S)
+        self.remove_files()
+
+    def remove_files(self) -> None:
+        for path in self.secrets:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        if self.socket_dir is not None:
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
+        if self.owns_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def dead_child(self) -> Child | None:
         return next((c for c in self.children if c.process.poll() is not None), None)
+
+
+def _popen(argv: list[str], log_path: Path, mode: str) -> subprocess.Popen[bytes]:
+    with log_path.open(mode) as log_file:
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+
+
+def _signal_and_wait(children: list[Child], sig: signal.Signals, timeout: float) -> None:
+    """Send `sig` to those still running, wait up to `timeout` for all, SIGKILL the rest."""
+    for child in children:
+        if child.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                child.process.send_signal(sig)
+    deadline = time.monotonic() + timeout
+    for child in children:
+        try:
+            child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.process.kill()
+            child.process.wait()
 
 
 def wait_until(what: str, child: Child, probe: Callable[[], bool]) -> None:
@@ -195,12 +253,25 @@ def start_envoy(stack: Stack, config_path: Path, *, log_level: str = "warning") 
             str(admin_path),
         ],
     )
-    wait_until(
-        "its admin address",
-        envoy,
-        lambda: admin_path.is_file() and bool(admin_path.read_text().strip()),
-    )
-    stack.admin_url = f"http://{admin_path.read_text().strip()}"
+
+    def admin_url() -> str | None:
+        try:
+            address = admin_path.read_text().strip()
+        except OSError:
+            return None
+        return f"http://{address}" if address else None
+
+    def ready() -> bool:
+        url = admin_url()
+        return url is not None and http_ok(f"{url}/ready")
+
+    def became_ready() -> None:
+        stack.admin_url = admin_url() or stack.admin_url
+
+    envoy.prepare = lambda: admin_path.unlink(missing_ok=True)  # the new one writes its own
+    envoy.ready, envoy.became_ready = ready, became_ready
+    wait_until("its admin address", envoy, lambda: admin_url() is not None)
+    became_ready()
     wait_until("ready", envoy, lambda: http_ok(f"{stack.admin_url}/ready"))
     port = _envoy_listener_port(stack.admin_url)
     if port is None:
@@ -220,9 +291,16 @@ def python_child(*args: str) -> list[str]:
 
 
 def start_stack(options: StackOptions, workdir: Path | None = None) -> Stack:
-    """Start every child and wait until all are healthy; on failure stop what started."""
-    stack = Stack(Path(workdir or tempfile.mkdtemp(prefix="stream-relay-")))
+    """Start every child and wait until all are healthy; on failure stop what started.
+    Without `workdir` the stack makes its own, and removes it when it stops."""
+    if workdir is None:
+        stack = Stack(Path(tempfile.mkdtemp(prefix="stream-relay-")), owns_workdir=True)
+    else:
+        stack = Stack(Path(workdir))
     try:
+        # Short and private: a socket path has at most 107 bytes, and in a 0700 directory no
+        # other user can connect, and no other stack can take a link over.
+        stack.socket_dir = Path(tempfile.mkdtemp(prefix="sr-"))
         _start(stack, options)
     except BaseException:
         stack.stop()
@@ -230,117 +308,126 @@ def start_stack(options: StackOptions, workdir: Path | None = None) -> Stack:
     return stack
 
 
-def _write_private(path: Path, text: str) -> Path:
-    """A file only this user can read (created so, never widened), for secrets Envoy reads."""
+def _write_private(stack: Stack, path: Path, text: str) -> Path:
+    """A file only this user can read (created so, never widened), for secrets Envoy reads;
+    removed when the stack stops."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(text)
+    if path not in stack.secrets:
+        stack.secrets.append(path)
     return path
 
 
 def _start(stack: Stack, options: StackOptions) -> None:
-    host = "127.0.0.1"
+    assert stack.socket_dir is not None
     security = options.security
     require_key: list[str] = []
     if options.upstream_key_file is not None:
         key = read_upstream_key(options.upstream_key_file)
         # Envoy's generic injector sends the secret as the whole header value.
-        credential = _write_private(stack.workdir / "llm-credential", f"Bearer {key}")
+        credential = _write_private(stack, stack.workdir / "llm-credential", f"Bearer {key}")
         security = dataclasses.replace(
             security or EnvoySecurity(), upstream_credential_file=credential
         )
         require_key = ["--require-key", str(options.upstream_key_file)]
     if options.upstream is None:
-        ports_file = stack.workdir / "upstream.ports"
-        child = stack.spawn(
-            "demo-upstream",
-            python_child(
-                "demo-upstream",
-                "--port",
-                "0",
-                "--rate",
-                str(options.demo_rate),
-                "--ports-file",
-                str(ports_file),
-                *require_key,
-            ),
-        )
-        wait_until("its ports file", child, lambda: read_ports(ports_file) is not None)
-        stack.upstream_url = f"http://{host}:{(read_ports(ports_file) or {})['http_port']}"
-        wait_until("healthy", child, lambda: http_ok(f"{stack.upstream_url}/healthz"))
+        _start_demo_upstream(stack, options, require_key)
     else:
         stack.upstream_url = options.upstream
     upstream = Upstream.from_url(stack.upstream_url)
 
-    egress_port = free_port()
-    stack.egress_url = f"http://127.0.0.1:{egress_port}"
-    relays = [_start_relay(stack, options, index) for index in range(options.nodes)]
+    sockets = RelaySockets(
+        egress=str(stack.socket_dir / "egress.sock"),
+        relays=tuple(
+            (str(stack.socket_dir / f"{i}.grpc.sock"), str(stack.socket_dir / f"{i}.http.sock"))
+            for i in range(options.nodes)
+        ),
+    )
+    stack.egress_url = f"{UNIX_EGRESS}{sockets.egress}"
+    for index, (grpc_socket, http_socket) in enumerate(sockets.relays):
+        _start_relay(stack, options, index, grpc_socket, http_socket)
     stack.relay_http_url = stack.relay_http_urls[0]
     stack.metrics_url = f"{stack.relay_http_url}/metrics"
 
     config_path = stack.workdir / "envoy.yaml"
-    _write_private(  # it holds the API keys when --api-keys is on
-        config_path,
-        render(
-            EnvoyPorts(
-                listen_address=options.listen_address,
-                listen_port=options.port,
-                admin_port=options.admin_port,
-                relay_grpc_port=relays[0][0],
-                relay_http_port=relays[0][1],
-                more_relays=tuple(relays[1:]),
-                egress_port=egress_port,
-            ),
-            upstream,
-            write_path=options.write_path,
-            security=security,
-        ),
+    ports = EnvoyPorts(
+        listen_address=options.listen_address,
+        listen_port=options.port,
+        admin_port=options.admin_port,
+        sockets=sockets,
     )
+
+    def write_config() -> None:  # it holds the API keys when --api-keys is on
+        text = render(ports, upstream, write_path=options.write_path, security=security)
+        _write_private(stack, config_path, text)
+
+    write_config()
     port = start_envoy(stack, config_path, log_level=options.envoy_log_level)
-    public_host = "127.0.0.1" if options.listen_address in ("0.0.0.0", "::") else host
+    # A restarted Envoy must come back on the same public port, even if any port was asked.
+    ports = dataclasses.replace(ports, listen_port=port)
+    write_config()
+    public_host = options.listen_address
+    if public_host in ("0.0.0.0", "::"):
+        public_host = "127.0.0.1"  # a wildcard listener is reachable on loopback
+    elif ":" in public_host:
+        public_host = f"[{public_host}]"
     scheme = "https" if security is not None and security.tls is not None else "http"
     stack.base_url = f"{scheme}://{public_host}:{port}"
 
 
-def _start_relay(stack: Stack, options: StackOptions, index: int) -> tuple[int, int]:
-    """Start relay node `index` (named relay, relay-2, ...); return its (grpc, http) ports."""
-    name = "relay" if index == 0 else f"relay-{index + 1}"
+def _start_demo_upstream(stack: Stack, options: StackOptions, require_key: list[str]) -> None:
+    ports_file = stack.workdir / "upstream.ports"
+    argv = python_child(
+        "demo-upstream",
+        *("--port", "0", "--rate", str(options.demo_rate), "--ports-file", str(ports_file)),
+        *require_key,
+    )
+    child = stack.spawn("demo-upstream", argv)
+    wait_until("its ports file", child, lambda: read_ports(ports_file) is not None)
+    port = (read_ports(ports_file) or {})["http_port"]
+    stack.upstream_url = f"http://127.0.0.1:{port}"
+    wait_until("healthy", child, lambda: http_ok(f"{stack.upstream_url}/healthz"))
+    # Restarted, it must listen where Envoy's cluster `llm` points.
+    child.argv[child.argv.index("--port") + 1] = str(port)
+    child.ready = lambda: http_ok(f"{stack.upstream_url}/healthz")
+
+
+def _start_relay(
+    stack: Stack, options: StackOptions, index: int, grpc_socket: str, http_socket: str
+) -> None:
+    """Start relay node `index` (named relay, relay-2, ...): Envoy reaches it on its Unix
+    sockets; its loopback HTTP port (for /metrics and direct calls) is bound by the node."""
+    name = RELAY if index == 0 else f"{RELAY}-{index + 1}"
     ports_file = stack.workdir / f"{name}.ports"
     relay = stack.spawn(
         name,
         python_child(
             "serve",
             *("--grpc-port", "0", "--http-port", "0"),
+            *("--grpc-socket", grpc_socket, "--http-socket", http_socket),
             *("--egress-url", stack.egress_url),
             *("--ports-file", str(ports_file)),
             *options.relay_args,
         ),
     )
-    wait_until("its ports file", relay, lambda: read_ports(ports_file) is not None)
-    ports = read_ports(ports_file) or {}
-    http_url = f"http://127.0.0.1:{ports['http_port']}"
-    wait_until("healthy", relay, lambda: http_ok(f"{http_url}/healthz"))
-    stack.relay_http_urls.append(http_url)
-    return ports["grpc_port"], ports["http_port"]
 
+    def http_url() -> str | None:
+        ports = read_ports(ports_file)
+        return None if ports is None else f"http://127.0.0.1:{ports['http_port']}"
 
-def run_until_signalled(stack: Stack, *, print_fn: Callable[[str], None] = print) -> int:
-    """Block until SIGINT/SIGTERM or a child dies; stop everything; return the exit status."""
-    watched = {signal.SIGINT, signal.SIGTERM, signal.SIGCHLD}
-    signal.pthread_sigmask(signal.SIG_BLOCK, watched)
-    try:
-        while True:
-            dead = stack.dead_child()
-            if dead is not None:
-                print_fn(
-                    f"stream-relay: {dead.name} exited with status {dead.process.returncode}; "
-                    f"stopping everything\n{dead.tail()}"
-                )
-                return 1
-            info = signal.sigtimedwait(watched, 1.0)
-            if info is not None and info.si_signo in (signal.SIGINT, signal.SIGTERM):
-                return 0
-    finally:
-        stack.stop()
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, watched)
-        print_fn("stream-relay: stopped")
+    def ready() -> bool:
+        url = http_url()
+        return url is not None and http_ok(f"{url}/healthz")
+
+    def became_ready() -> None:
+        url = http_url()
+        if url is not None:
+            stack.relay_http_urls[index] = url
+            stack.relay_http_url = stack.relay_http_urls[0]
+            stack.metrics_url = f"{stack.relay_http_url}/metrics"
+
+    relay.prepare = lambda: ports_file.unlink(missing_ok=True)  # a fresh one says it is up
+    relay.ready, relay.became_ready = ready, became_ready
+    wait_until("healthy", relay, ready)
+    stack.relay_http_urls.append(http_url() or "")

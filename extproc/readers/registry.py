@@ -85,6 +85,11 @@ class ReaderRegistry:
     def readers(self, session_id: str) -> int:
         return self._per_session.get(session_id, 0)
 
+    @property
+    def attached(self) -> int:
+        """Readers attached on this node, all sessions together."""
+        return len(self._readers)
+
     def counts(self) -> dict[str, int]:
         """Readers per session on this node (what a shared store announces to the others)."""
         return self._per_session.copy()

@@ -2,12 +2,15 @@
 
 Eviction is least-recently-used by bytes (cachetools computes each log's size); a finished
 session also expires `session_ttl` after its end. A dropped session leaves a small tombstone
-(at most `max_tombstones`) so that its readers get 410 Gone, not 404: lost history is said out
-loud. Nothing else is kept per session once it is dropped, so memory stays within the caps.
+(at most `max_tombstones`, by default as many as fit in 1/16 of the store's bytes) so that its
+readers get 410 Gone, not 404: lost history is said out loud. Nothing else is kept per session
+once it is dropped, so memory stays within the caps: logs within --store-max-bytes, tombstones
+within a sixteenth more.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections import OrderedDict
@@ -21,12 +24,15 @@ from extproc.errors import AccessDenied, ConfigError, LimitExceeded, SessionGone
 from extproc.node.metrics import RelayMetrics
 from extproc.session.ids import new_session_id
 from extproc.session.log import EVENT_OVERHEAD_BYTES, EndState, SessionLog, WritePath
+from extproc.store.tombstones import BYTES_PER_TOMBSTONE, Tombstones
 from extproc.vocabulary import DropReason
 
 DEFAULT_STORE_MAX_BYTES = 256 * 1024 * 1024
 DEFAULT_SESSION_MAX_BYTES = 16 * 1024 * 1024
 DEFAULT_SESSION_TTL_S = 900.0
-DEFAULT_MAX_TOMBSTONES = 65_536  # ~200 bytes each: at most ~13 MiB besides the logs
+TOMBSTONE_SHARE = 16  # by default tombstones may take 1/16 of --store-max-bytes besides it
+MAX_TOMBSTONES = 65_536  # ... but never more than this many (2.6 MiB, allocated at start)
+SWEEP_MIN_S = 1.0  # expiry runs on its own at most this often (and at every store call)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,7 +42,8 @@ class StoreLimits:
     store_max_bytes: int = DEFAULT_STORE_MAX_BYTES  # all logs together, payload and bookkeeping
     session_max_bytes: int = DEFAULT_SESSION_MAX_BYTES  # one session; beyond it, it fails
     session_ttl: float = DEFAULT_SESSION_TTL_S  # how long a finished session stays resumable
-    max_tombstones: int = DEFAULT_MAX_TOMBSTONES  # dropped ids remembered: 410 instead of 404
+    # Dropped ids remembered (410 instead of 404); None: as many as fit in 1/16 of the store.
+    max_tombstones: int | None = None
 
     def __post_init__(self) -> None:
         if self.store_max_bytes < 1024 * 1024:
@@ -56,8 +63,17 @@ class StoreLimits:
             )
         if not 0 < self.session_ttl < math.inf:  # NaN would never expire anything
             raise ConfigError(f"--session-ttl must be positive and finite, got {self.session_ttl}")
-        if self.max_tombstones < 0:
+        if self.max_tombstones is None:
+            fit = self.store_max_bytes // TOMBSTONE_SHARE // BYTES_PER_TOMBSTONE
+            object.__setattr__(self, "max_tombstones", min(MAX_TOMBSTONES, fit))
+        elif self.max_tombstones < 0:
             raise ConfigError(f"max tombstones must be >= 0, got {self.max_tombstones}")
+
+    @property
+    def tombstones(self) -> int:
+        """The bound on tombstones (max_tombstones, resolved)."""
+        assert self.max_tombstones is not None  # resolved in __post_init__
+        return self.max_tombstones
 
 
 class LogCache(LRUCache[str, SessionLog]):
@@ -90,17 +106,19 @@ class MemoryStore:
         metrics.store_bytes = lambda: self.nbytes
         metrics.store_sessions = lambda: len(self)
         metrics.store_capacity_bytes = self.limits.store_max_bytes
+        metrics.store_tombstones = lambda: len(self._tombstones)
         self._clock = clock
         self._logs = LogCache(self.limits.store_max_bytes, self._evicted)
         # Ended sessions by id -> when they expire. The TTL is one constant, so insertion order
         # is expiry order: the front is always the next to expire, and an evicted session
         # leaves at once (no per-session bookkeeping outlives its log).
         self._expiries: OrderedDict[str, float] = OrderedDict()  # O(1) at both ends
-        # Dropped sessions: (why, owner), so only whoever could read one hears it is gone.
-        self._tombstones: LRUCache[str, tuple[str, str]] = LRUCache(
-            maxsize=max(1, self.limits.max_tombstones)
-        )
+        # Dropped sessions: why and whose, so only whoever could read one hears it is gone.
+        self._tombstones = Tombstones(self.limits.tombstones)
         self._shares: dict[str, dict[str, ShareRecord]] = {}
+        # Expiry also runs on a timer while sessions wait to expire, so an idle node lets go of
+        # them too (not only at its next store call).
+        self._sweep: asyncio.TimerHandle | None = None
 
     @property
     def nbytes(self) -> int:
@@ -127,9 +145,9 @@ class MemoryStore:
         log = self._logs.get(session_id)
         if log is not None:
             return log
-        gone = self._tombstones.get(session_id)
+        gone = self._tombstones.reason(session_id)
         if gone is not None:
-            raise SessionGone(f"session {session_id} was {gone[0]}; its events are no longer kept")
+            raise SessionGone(f"session {session_id} was {gone}; its events are no longer kept")
         raise SessionNotFound(f"no session {session_id}")
 
     async def lookup(
@@ -139,7 +157,8 @@ class MemoryStore:
         try:
             log = self.get(session_id)
         except SessionGone:
-            if not access.admits(self._tombstones[session_id][1], None):
+            owner = self._tombstones.owner_seen_by(session_id, access.identity)
+            if not access.admits(owner, None):
                 raise AccessDenied(f"no session {session_id}") from None
             raise
         if not access.admits(log.owner, self._share(session_id, access.token_id)):
@@ -191,7 +210,9 @@ class MemoryStore:
         pass  # one process: cancels and reader counts never arrive from elsewhere
 
     async def close(self) -> None:
-        pass
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
 
     def append(self, log: SessionLog, events: list[bytes]) -> bool:
         """Append a chunk's events; False once the log is no longer kept (dropped or failed).
@@ -242,11 +263,27 @@ class MemoryStore:
         while expiries:
             session_id, expires_at = next(iter(expiries.items()))  # the next one to expire
             if expires_at > now:
+                self._arm_sweep(expires_at - now)
                 return
             del expiries[session_id]
             log = self._logs.pop(session_id, None)
             if log is not None:
                 self._drop(log, DropReason.EXPIRED)
+
+    def _arm_sweep(self, delay: float) -> None:
+        """Run expiry again when the next session is due (outside an event loop, as in unit
+        tests driving a fake clock, only store calls expire sessions)."""
+        if self._sweep is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._sweep = loop.call_later(max(SWEEP_MIN_S, delay), self._swept)
+
+    def _swept(self) -> None:
+        self._sweep = None
+        self._expire()
 
     def _evicted(self, log: SessionLog) -> None:
         self._expiries.pop(log.session_id, None)
@@ -254,7 +291,6 @@ class MemoryStore:
 
     def _drop(self, log: SessionLog, reason: DropReason) -> None:
         self._metrics.store_dropped(reason)
-        if self.limits.max_tombstones:
-            self._tombstones[log.session_id] = (reason.value, log.owner)
+        self._tombstones.add(log.session_id, reason, log.owner)
         self._shares.pop(log.session_id, None)
         log.drop(reason.value)
