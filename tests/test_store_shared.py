@@ -23,7 +23,7 @@ from extproc.node.metrics import RelayMetrics
 from extproc.session.log import Cursor, EndState, SessionLog, WritePath
 from extproc.store import MemoryStore, RedisSettings, RedisStore, SessionStore, StoreLimits
 from extproc.store.redis.schema import Keys
-from extproc.store.redis.scripts import FAIL_IF_ORPHANED
+from extproc.store.redis.scripts import FAIL_IF_ORPHANED, SYNC_ROUND
 
 MIB = 1024 * 1024
 SSE = "text/event-stream"
@@ -536,3 +536,26 @@ async def test_done_is_shown_only_once_redis_holds_it(redis_server: RedisServer)
     finally:
         await a.close()
         await b.close()
+
+
+async def test_a_round_retried_after_a_lost_reply_changes_nothing(
+    redis_server: RedisServer,
+) -> None:
+    """The replication script run twice with the same records (the writer never saw the first
+    reply): the same answers, no event twice, and its own end is not taken for a fence."""
+    raw = aioredis.from_url(redis_server.url)
+    try:
+        await raw.set("lease", "a")
+        head = ["p", "a", 60_000, 60_000]
+        first = [*head, "S1", "1 2 open 0 0", SSE, "inline", "", *events(2)]
+        later = [*head, "S1", "3 2 done 60000 0", SSE, "inline", "", "", *events(2, start=3)]
+        no_lease = await raw.eval(SYNC_ROUND, 1, "nobody", *first)
+        assert no_lease == [0]  # a writer without its lease writes nothing
+        for _ in range(2):
+            assert await raw.eval(SYNC_ROUND, 1, "lease", *first) == [1, 2]
+        for _ in range(2):
+            assert await raw.eval(SYNC_ROUND, 1, "lease", *later) == [1, 4]
+        assert await raw.xlen("p:{S1}:events") == 5  # four events and the end marker
+        assert await raw.hget("p:{S1}:meta", "state") == b"done"
+    finally:
+        await raw.aclose()

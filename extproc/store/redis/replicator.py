@@ -3,9 +3,9 @@ replies whether each one is still this node's to write.
 
 Appends mark a session dirty; a loop copies what accumulated in BATCH_WINDOW_S, every dirty
 session in one script call per round (idempotent: a retried round, or a Redis that lost data,
-is refilled from this node's memory). A new session, a `done` waiting to be stored and a
-recheck after a lease break go at once. A reply saying another node ended a session (this
-node was fenced) goes to the store, which cuts the session's clients here.
+is refilled from this node's memory). A new session and a recheck after a lease break go at
+once, in a round of their own. A reply saying another node ended a session (this node was
+fenced) goes to the store, which cuts the session's clients here.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ class Copy:
     confirmed: bool = False  # a round carrying it succeeded
     held_end: tuple[EndState, str] | None = None  # a `done` this node shows once Redis has it
     ttl_refreshed: float = 0.0
+    check: bool = False  # Redis may have lost data (the lease broke): look closely next round
 
     def end(self) -> tuple[EndState, str]:
         log = self.log
@@ -81,7 +82,10 @@ class Replicator:
         self._dirty: dict[str, Copy] = {}
         self._recheck: set[str] = set()  # asked again after a lease break, not yet answered
         self._wake = asyncio.Event()
-        self._urgent = False  # skip the batch window: someone waits on this round
+        # Sessions that go at once, in a round of their own (a new session other nodes may
+        # look up, a recheck), so the others keep their batch window.
+        self._urgent: set[str] = set()
+        self._at_once = False  # the last round did not take everything: no window before the next
         # Set by the store: a held `done` may be shown (Redis has it, or never knew the
         # session); another node ended a session; the lease is gone (renew now).
         self.release_end: Callable[[Copy], None] = lambda copy: None
@@ -103,31 +107,40 @@ class Replicator:
         self._copies[session.session_id] = Copy(session, ttl_refreshed=time.monotonic())
         self.changed(session, urgent=True)  # readers elsewhere may ask for it at once
 
+    def dirty(self, copy: Copy) -> None:
+        """`changed` for a copy the caller already holds (the append path)."""
+        self._dirty[copy.log.session_id] = copy
+        self._wake.set()
+
     def changed(self, session: SessionLog, *, urgent: bool = False) -> None:
         copy = self._copies.get(session.session_id)
         if copy is not None:
             self._dirty[session.session_id] = copy
-            self._urgent |= urgent
+            if urgent:
+                self._urgent.add(session.session_id)
             self._wake.set()
 
     def recheck(self) -> None:
         """This node's lease was broken: ask Redis about every session it may have fenced."""
         self._recheck = {sid for sid, copy in self._copies.items() if copy.sent}
         for session_id in self._recheck:
-            self._dirty[session_id] = self._copies[session_id]
-        self._urgent = True
+            copy = self._copies[session_id]
+            copy.check = True
+            self._dirty[session_id] = copy
+        self._urgent |= self._recheck
         self._wake.set()
         self._answered(set())
 
     async def run(self, closing: asyncio.Event) -> None:
         while not closing.is_set():
             await self._wake.wait()
-            if not self._urgent:
+            if not self._urgent and not self._at_once:
                 await asyncio.sleep(BATCH_WINDOW_S)  # gather what arrives meanwhile
             self._wake.clear()
-            self._urgent = False
+            only = self._urgent if self._urgent and not self._at_once else None
+            self._urgent, self._at_once = set(), False
             try:
-                if not await self._round():
+                if not await self._round(only):
                     self.on_no_lease()
                     await asyncio.sleep(NO_LEASE_RETRY_S)
             except StoreUnavailable:
@@ -142,10 +155,13 @@ class Replicator:
                 while self._dirty:
                     await self._round()
 
-    async def _round(self) -> bool:
-        """One script call for every dirty session (up to the round's bounds); False if Redis
-        refused it because this node's lease is gone."""
-        batch, self._dirty = self._dirty, {}
+    async def _round(self, only: set[str] | None = None) -> bool:
+        """One script call for every dirty session, or `only` these (up to the round's
+        bounds); False if Redis refused it because this node's lease is gone."""
+        if only is None:
+            batch, self._dirty = self._dirty, {}
+        else:
+            batch = {sid: self._dirty.pop(sid) for sid in only if sid in self._dirty}
         args: list[bytes | str | int] = list(self._head)
         sent: list[tuple[Copy, int, EndState]] = []
         room_events, room_bytes = ROUND_MAX_EVENTS, ROUND_MAX_BYTES
@@ -153,7 +169,7 @@ class Replicator:
         for session_id, copy in batch.items():
             if room_events <= 0 or room_bytes <= 0:
                 self._dirty[session_id] = copy  # the next round, at once
-                self._urgent = True
+                self._at_once = True
                 continue
             if self._copies.get(session_id) is not copy:
                 continue
@@ -201,6 +217,7 @@ class Replicator:
                 self.release_end(copy)
             return
         copy.stored = min(stored, upto)
+        copy.check = False
         if copy.stored < copy.log.last_seq or copy.end()[0] is not EndState.OPEN:
             self._dirty[session_id] = copy  # more to copy, an end, or a gap to refill
 
@@ -215,24 +232,21 @@ class Replicator:
         self, copy: Copy, args: list[bytes | str | int], now: float
     ) -> tuple[int, EndState, int]:
         """Append one session's record to the round's arguments; returns (the last seq it
-        carries, the state it records, its event bytes)."""
+        carries, the state it records, its event bytes). Runs per session per round: kept lean."""
         log = copy.log
-        first = copy.stored + 1
-        events: list[bytes] = []
-        size = 0
+        stored = copy.stored
         if log.gone_reason:  # dropped here before Redis had all of it: lost, said so
-            state, reason = (
-                EndState.FAILED,
-                (f"{log.gone_reason} on its node before it reached the shared store"),
-            )
+            events: list[bytes] = []
+            size = 0
+            state = EndState.FAILED
+            reason = f"{log.gone_reason} on its node before it reached the shared store"
         else:
-            for raw in log.events_after(copy.stored, SYNC_MAX_EVENTS):
-                if events and size + len(raw) > SYNC_MAX_BYTES:
-                    break
-                events.append(raw)
-                size += len(raw)
-            state, reason = copy.end()
-            if copy.stored + len(events) < log.last_seq:
+            events = log.events_after(stored, SYNC_MAX_EVENTS)
+            size = sum(map(len, events))
+            if size > SYNC_MAX_BYTES:
+                events, size = _first_bytes(events, SYNC_MAX_BYTES)
+            state, reason = copy.held_end or (log.state, log.reason)
+            if stored + len(events) < log.last_seq:
                 state = EndState.OPEN  # the end goes with the last events
         if state is not EndState.OPEN:
             ttl = self._ended_ttl
@@ -241,10 +255,27 @@ class Replicator:
             copy.ttl_refreshed = now
         else:
             ttl = b"0"
-        args += (log.session_id, b"%d %d %s %s" % (first, len(events), state.value.encode(), ttl))
-        if first == 1:
+        check = b"1" if copy.check else b"0"
+        args += (
+            log.session_id,
+            b"%d %d %s %s %s" % (stored + 1, len(events), _STATES[state], ttl, check),
+        )
+        if stored == 0 or state is not EndState.OPEN:
             args += (log.content_type, log.write_path.value, log.owner)
         if state is not EndState.OPEN:
-            args += (reason, log.owner)
+            args.append(reason)
         args += events
-        return copy.stored + len(events), state, size
+        return stored + len(events), state, size
+
+
+_STATES = {state: state.value.encode() for state in EndState}
+
+
+def _first_bytes(events: list[bytes], limit: int) -> tuple[list[bytes], int]:
+    """The leading events within `limit` bytes (at least one)."""
+    size = 0
+    for count, raw in enumerate(events):
+        if count and size + len(raw) > limit:
+            return events[:count], size
+        size += len(raw)
+    return events, size

@@ -11,9 +11,9 @@ from __future__ import annotations
 # One replication round of a writing node: every dirty session in one call.
 #   KEYS[1]  the writing node's lease
 #   ARGV     prefix, node id, gone ttl ms, open ttl ms, then per session a record:
-#            id, "<first seq> <count> <state> <ttl ms>",
-#            [content_type, write_path, owner]  when first seq is 1 (the meta hash),
-#            [reason, owner]                    when state is not open,
+#            id, "<first seq> <count> <state> <ttl ms> <check>",
+#            [content_type, write_path, owner]  on the first copy and with the end,
+#            [reason]                           with the end,
 #            <count> events
 # Returns {0} when the lease is gone (renew, then retry), else {1, r1, r2, ...}: per session the
 # last seq Redis holds (events already stored are skipped, so a retried round is harmless; a
@@ -21,6 +21,11 @@ from __future__ import annotations
 # string, the reason, if another node ended the session (the writer is fenced: it must cut its
 # clients). An end this writer recorded itself answers its last seq (a retry after a lost
 # reply).
+#
+# Most records take the fast path: one XADD per event and nothing else. XADD refuses an id at
+# or below the stream's top, and another node's end marker, or a round whose reply was lost,
+# leaves the top at or above the writer's next seq; only then (or when the writer asks, after
+# its lease broke and Redis may have lost data: <check> 1) is the session looked at closely.
 SYNC_ROUND = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
 local prefix, node = ARGV[1], ARGV[2]
@@ -29,53 +34,58 @@ local out = {1}
 local i = 5
 while i <= #ARGV do
   local id = ARGV[i]
-  local first, count, state, ttl = string.match(ARGV[i + 1], '^(%d+) (%d+) (%a+) (%d+)$')
+  local first, count, state, ttl, check =
+    string.match(ARGV[i + 1], '^(%d+) (%d+) (%a+) (%d+) (%d)$')
   first, count = tonumber(first), tonumber(count)
   i = i + 2
-  local meta_fields
-  if first == 1 then
-    meta_fields = {'state', 'open', 'content_type', ARGV[i], 'write_path', ARGV[i + 1],
-                   'node', node, 'owner', ARGV[i + 2]}
+  local fields, owner, reason
+  if first == 1 or state ~= 'open' then
+    owner = ARGV[i + 2]
+    fields = {'content_type', ARGV[i], 'write_path', ARGV[i + 1], 'node', node, 'owner', owner}
     i = i + 3
   end
-  local reason, owner
-  if state ~= 'open' then reason, owner = ARGV[i], ARGV[i + 1]; i = i + 2 end
+  if state ~= 'open' then reason = ARGV[i]; i = i + 1 end
   local base = prefix .. ':{' .. id .. '}:'
-  local events, meta, gone = base .. 'events', base .. 'meta', base .. 'gone'
-  local current = redis.call('HGET', meta, 'state')
-  local result
-  if current and current ~= 'open' then
-    if redis.call('HGET', meta, 'fenced') then result = redis.call('HGET', meta, 'reason')
-    else result = tonumber(redis.call('HGET', meta, 'last_seq')) end
-  elseif not current and redis.call('EXISTS', gone) == 1 then
-    result = 'ended elsewhere, and since expired'
-  elseif not current and first > 1 then result = 0
+  local events, meta = base .. 'events', base .. 'meta'
+  local n, result
+  if check == '0' and first > 1 and count > 0 then
+    local added = redis.pcall('XADD', events, '0-' .. first, 'd', ARGV[i])
+    if type(added) ~= 'table' then n = first end
   end
-  if not result then
-    local n = redis.call('XLEN', events)
-    if first > n + 1 then
-      result = n
+  if not n then
+    local current = redis.call('HGET', meta, 'state')
+    if current and current ~= 'open' then
+      if redis.call('HGET', meta, 'fenced') then result = redis.call('HGET', meta, 'reason')
+      else result = tonumber(redis.call('HGET', meta, 'last_seq')) end
+    elseif not current and redis.call('EXISTS', base .. 'gone') == 1 then
+      result = 'ended elsewhere, and since expired'
+    elseif not current and first > 1 then
+      result = 0
     else
-      for k = 0, count - 1 do
-        if first + k > n then redis.call('XADD', events, '0-' .. (first + k), 'd', ARGV[i + k]) end
-      end
-      local last = math.max(n, first + count - 1)
-      if not current then
-        redis.call('HSET', meta, unpack(meta_fields))
+      n = redis.call('XLEN', events)
+      if first > n + 1 then result, n = n, nil
+      elseif not current then
+        redis.call('HSET', meta, 'state', 'open', unpack(fields))
         redis.call('PEXPIRE', meta, open_ttl)
       end
-      if n == 0 and last > 0 then redis.call('PEXPIRE', events, open_ttl) end
-      if state ~= 'open' then
-        redis.call('XADD', events, '0-' .. (last + 1), 'end', state, 'reason', reason)
-        redis.call('HSET', meta, 'state', state, 'reason', reason, 'last_seq', last)
-        redis.call('SET', gone, owner, 'PX', gone_ttl)
-      end
-      if ttl ~= '0' then
-        redis.call('PEXPIRE', events, ttl)
-        redis.call('PEXPIRE', meta, ttl)
-      end
-      result = last
     end
+  end
+  if n then
+    for k = 0, count - 1 do
+      if first + k > n then redis.call('XADD', events, '0-' .. (first + k), 'd', ARGV[i + k]) end
+    end
+    local last = math.max(n, first + count - 1)
+    if n == 0 and last > 0 then redis.call('PEXPIRE', events, open_ttl) end
+    if state ~= 'open' then
+      redis.call('XADD', events, '0-' .. (last + 1), 'end', state, 'reason', reason)
+      redis.call('HSET', meta, 'state', state, 'reason', reason, 'last_seq', last, unpack(fields))
+      redis.call('SET', base .. 'gone', owner, 'PX', gone_ttl)
+    end
+    if ttl ~= '0' then
+      redis.call('PEXPIRE', events, ttl)
+      redis.call('PEXPIRE', meta, ttl)
+    end
+    result = last
   end
   out[#out + 1] = result
   i = i + count

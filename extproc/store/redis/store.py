@@ -91,13 +91,13 @@ class RedisStore:
         return session
 
     def append(self, session: SessionLog, events: list[bytes]) -> bool:
-        if self.fenced(session):
-            return False  # never logged, so never shown: the session was cut instead
         copy = self._replicator.copy_of(session.session_id)
-        if copy is not None and copy.held_end is not None:
-            return False  # it has ended; the end waits for Redis
+        if copy is None:  # not this node's to write (or its end is already in Redis)
+            return self._local.append(session, events)
+        if copy.held_end is not None or (copy.sent and self.fenced(session)):
+            return False  # ended (the end waits for Redis), or cut: never logged, never shown
         kept = self._local.append(session, events)
-        self._replicator.changed(session)  # also when not kept: the session may just have failed
+        self._replicator.dirty(copy)  # also when not kept: the session may just have failed
         return kept
 
     def end(self, session: SessionLog, state: EndState, reason: str = "") -> None:
@@ -106,9 +106,9 @@ class RedisStore:
             return  # the first end wins
         if state is EndState.DONE and copy is not None and copy.sent:
             # Redis may know this session, so another node may end it `failed` if this one
-            # stalls: clients here see `done` only once Redis holds it (one round, at once).
+            # stalls: clients here see `done` only once Redis holds it (the next round).
             copy.held_end = (state, reason)
-            self._replicator.changed(session, urgent=True)
+            self._replicator.changed(session)
             return
         self._local.end(session, state, reason)
         self._replicator.changed(session)
@@ -123,6 +123,7 @@ class RedisStore:
         if copy is None or not copy.sent or self._lease.holds():
             return False
         self._presence.beat_now()
+        log.warning("session %s: this node's lease lapsed; cutting it here", session.session_id)
         self._lose(copy, f"relay node {self.node_id} lost its lease (paused or cut off from Redis)")
         self._replicator.changed(session, urgent=True)  # Redis gets the end once the lease is back
         return True
