@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Callable
 from typing import cast
@@ -17,6 +18,8 @@ from extproc.store.redis.client import RedisCalls
 from extproc.store.redis.lease import Lease
 from extproc.store.redis.schema import Keys, RedisSettings, now_ms
 from extproc.vocabulary import StoreOp
+
+log = logging.getLogger("stream_relay.store")
 
 POLL_S = 1.0  # the cancel listener's longest wait, so it notices a close
 # After Redis starts empty, a writer copies its live sessions back at its next beat (lease/3),
@@ -71,10 +74,14 @@ class Presence:
         every lease/3, whenever a count changes, and at once when a round found the lease
         gone. `on_break` runs when the lease key had vanished (see lease.py)."""
         while not self._closing.is_set():
-            with contextlib.suppress(StoreUnavailable):
+            try:
                 sent_at, continuous = await self.beat(reader_counts())
                 if self._lease.renewed(sent_at, continuous=continuous):
                     on_break()
+            except StoreUnavailable:
+                pass
+            except Exception:  # a bug must not stop the beat: this node's sessions would fail
+                log.exception("lease renewal failed")
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._settings.node_lease / 3):
                     await self._beat_now.wait()

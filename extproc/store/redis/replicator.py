@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from extproc.store.redis.lease import Lease
 from extproc.store.redis.schema import GONE_TTL_S, OPEN_TTL_S, RedisSettings
 from extproc.store.redis.scripts import SYNC_ROUND
 from extproc.vocabulary import StoreOp
+
+log = logging.getLogger("stream_relay.store")
 
 SYNC_MAX_EVENTS = 2048  # per session per round
 SYNC_MAX_BYTES = 1024 * 1024
@@ -145,6 +148,9 @@ class Replicator:
                     await asyncio.sleep(NO_LEASE_RETRY_S)
             except StoreUnavailable:
                 await asyncio.sleep(self._calls.backoff())
+            except Exception:  # a bug must not stop replication: sessions here would be cut
+                log.exception("replication round failed")
+                await asyncio.sleep(self._calls.backoff())
             if self._dirty:
                 self._wake.set()
 
@@ -233,20 +239,20 @@ class Replicator:
     ) -> tuple[int, EndState, int]:
         """Append one session's record to the round's arguments; returns (the last seq it
         carries, the state it records, its event bytes). Runs per session per round: kept lean."""
-        log = copy.log
+        session = copy.log
         stored = copy.stored
-        if log.gone_reason:  # dropped here before Redis had all of it: lost, said so
+        if session.gone_reason:  # dropped here before Redis had all of it: lost, said so
             events: list[bytes] = []
             size = 0
             state = EndState.FAILED
-            reason = f"{log.gone_reason} on its node before it reached the shared store"
+            reason = f"{session.gone_reason} on its node before it reached the shared store"
         else:
-            events = log.events_after(stored, SYNC_MAX_EVENTS)
+            events = session.events_after(stored, SYNC_MAX_EVENTS)
             size = sum(map(len, events))
             if size > SYNC_MAX_BYTES:
                 events, size = _first_bytes(events, SYNC_MAX_BYTES)
-            state, reason = copy.held_end or (log.state, log.reason)
-            if stored + len(events) < log.last_seq:
+            state, reason = copy.held_end or (session.state, session.reason)
+            if stored + len(events) < session.last_seq:
                 state = EndState.OPEN  # the end goes with the last events
         if state is not EndState.OPEN:
             ttl = self._ended_ttl
@@ -257,11 +263,11 @@ class Replicator:
             ttl = b"0"
         check = b"1" if copy.check else b"0"
         args += (
-            log.session_id,
+            session.session_id,
             b"%d %d %s %s %s" % (stored + 1, len(events), _STATES[state], ttl, check),
         )
         if stored == 0 or state is not EndState.OPEN:
-            args += (log.content_type, log.write_path.value, log.owner)
+            args += (session.content_type, session.write_path.value, session.owner)
         if state is not EndState.OPEN:
             args.append(reason)
         args += events
