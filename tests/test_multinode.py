@@ -335,7 +335,7 @@ def test_a_paused_inline_writer_cuts_its_client_and_every_node_agrees(
 ) -> None:
     """Inline: paused past its lease but within Envoy's 2 s message timeout, the writer cuts
     its client on waking (Envoy resets the response) instead of tagging and sending the rest."""
-    lease = 0.6
+    lease = 0.8  # renewed every 0.27 s; the pause must stay under 2 s, see the docstring
     args = ("--store", redis_server.url, "--node-lease", str(lease))
     stack = make_stack(tmp_path, write_path="inline", relay_args=args, nodes=2)
     try:
@@ -355,7 +355,7 @@ def test_a_paused_inline_writer_cuts_its_client_and_every_node_agrees(
             writer = node(stack, owner).process
             writer.send_signal(signal.SIGSTOP)
             try:
-                time.sleep(2 * lease)  # the fault, see PAUSE_LEASES
+                time.sleep(1.75 * lease)  # the fault, see PAUSE_LEASES
             finally:
                 writer.send_signal(signal.SIGCONT)
             rest, complete = read_to_end(chunks)
