@@ -1,8 +1,10 @@
 """The session store contract, on every store: memory, Redis read by the writing node, and
 Redis read by another node (a second RedisStore on the same real redis-server). Then what only
 a shared store has: expiry in Redis, lost data said out loud, Redis down and back, Redis
-restarted empty, cancels and readers announced across nodes. A node that dies (its lease
-lapses) is tested with a real SIGKILL in tests/test_multinode.py."""
+restarted empty, cancels and readers announced across nodes, and fencing (a writer whose
+session another node ended, or whose lease broke, stops and serves Redis's version; `done` is
+shown only once Redis holds it). A node that dies or is paused (its lease lapses) is tested
+with real SIGKILL and SIGSTOP in tests/test_multinode.py."""
 
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ from extproc.errors import SessionGone, SessionNotFound, StoreUnavailable
 from extproc.node.metrics import RelayMetrics
 from extproc.session.log import Cursor, EndState, SessionLog, WritePath
 from extproc.store import MemoryStore, RedisSettings, RedisStore, SessionStore, StoreLimits
+from extproc.store.redis.schema import Keys
+from extproc.store.redis.scripts import FAIL_IF_ORPHANED, SYNC_ROUND
 
 MIB = 1024 * 1024
 SSE = "text/event-stream"
@@ -324,6 +328,9 @@ async def test_redis_restarted_empty_old_sessions_unknown_open_ones_copied_again
 
         redis_server.stop()
         redis_server.start(empty=True)
+        # A node that knew Redis before says 503 (retry) while writers copy live sessions back.
+        with pytest.raises(StoreUnavailable):
+            await b.lookup(finished.session_id)
         c = redis_store(redis_server)  # a node that never saw either session
         await c.start()
         try:
@@ -396,3 +403,160 @@ async def test_readers_on_another_node_are_announced_to_the_writer(
 
 async def _no_readers(store: RedisStore, session: SessionLog) -> bool:
     return await store.remote_readers(session.session_id) == 0
+
+
+# Fencing: one truth per session.
+
+
+async def fail_behind_writers_back(server: RedisServer, writer: RedisStore, session_id: str) -> str:
+    """What another node does when a writer's lease lapsed (the writer paused): its lease key
+    goes and the session is ended `failed`, atomically, while the writer does not know yet."""
+    keys = Keys(writer.settings.prefix, session_id)
+    lease = writer.settings.lease_key(writer.node_id)
+    reason = "relay node stopped (test)"
+    raw = aioredis.from_url(server.url)
+    try:
+        async with raw.pipeline(transaction=True) as pipe:
+            pipe.delete(lease)
+            pipe.eval(
+                FAIL_IF_ORPHANED,
+                4,
+                keys.events,
+                keys.meta,
+                keys.gone,
+                lease,
+                reason,
+                60_000,
+                60_000,
+            )
+            assert (await pipe.execute())[1] == 1
+    finally:
+        await raw.aclose()
+    return reason
+
+
+async def test_a_writer_fenced_in_redis_cuts_its_session_and_serves_redis_version(
+    redis_server: RedisServer,
+) -> None:
+    cancelled: list[str] = []
+    a, b = await two_nodes(redis_server, a_cancels=lambda sid: bool(cancelled.append(sid)))
+    try:
+        session = a.create(content_type=SSE, write_path=WritePath.DETACHED)
+        a.append(session, events(4))
+        await until_copied(Pair(a, b), session)
+        reading = asyncio.create_task(read_all(session))  # a reader on the writing node
+        reason = await fail_behind_writers_back(redis_server, a, session.session_id)
+
+        a.append(session, events(1, start=5))  # a does not know yet: its next round tells it
+        await eventually("the writer to learn it was fenced", lambda: a.fenced(session))
+        assert (session.state, session.reason) == (EndState.FAILED, reason)
+        assert not a.append(session, events(1, start=6))
+        assert cancelled == [session.session_id]  # a generation running here stops
+        assert await reading == events(5)  # cut after what it had: never `done`
+        for node in (a, b):  # every node serves Redis's version, the writer included
+            log = await node.lookup(session.session_id)
+            assert (log.state, log.reason) == (EndState.FAILED, reason)
+            assert await read_all(log) == events(4)
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_writer_stalled_past_its_lease_shows_nothing_more(
+    redis_server: RedisServer,
+) -> None:
+    lease = 0.5
+    a, b = await two_nodes(redis_server, node_lease=lease)
+    try:
+        session = a.create(content_type=SSE, write_path=WritePath.INLINE)
+        a.append(session, events(3))
+        await until_copied(Pair(a, b), session)
+        time.sleep(2 * lease)  # noqa: ASYNC251 - the fault: this process stalls past a's lease
+        assert a.fenced(session)  # checked before the next event is shown: it is not
+        assert not a.append(session, events(1, start=4))
+        assert session.state is EndState.FAILED and "lost its lease" in session.reason
+
+        async def agreed() -> bool:
+            views = [await node.lookup(session.session_id) for node in (a, b)]
+            return all(v.state is EndState.FAILED for v in views)
+
+        await eventually("every node to see the session failed", agreed)
+        for node in (a, b):
+            assert await read_all(await node.lookup(session.session_id)) == events(3)
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_lease_lost_in_redis_alone_is_renewed_and_writing_goes_on(
+    redis_server: RedisServer,
+) -> None:
+    """Redis dropped the lease key (evicted, say) while the writer was fine: its next round is
+    refused, it renews at once, and since no node ended the session it goes on."""
+    a, b = await two_nodes(redis_server)
+    try:
+        session = a.create(content_type=SSE, write_path=WritePath.INLINE)
+        a.append(session, events(2))
+        await until_copied(Pair(a, b), session)
+        raw = aioredis.from_url(redis_server.url)
+        await raw.delete(a.settings.lease_key(a.node_id))
+        await raw.aclose()
+        assert a.append(session, events(2, start=3))
+        a.end(session, EndState.DONE)
+        copied = await until_copied(Pair(a, b), session)
+        assert copied.state is EndState.DONE and await read_all(copied) == events(4)
+        assert not a.fenced(session)
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_done_is_shown_only_once_redis_holds_it(redis_server: RedisServer) -> None:
+    metrics = RelayMetrics()
+    a, b = await two_nodes(redis_server, a_metrics=metrics)
+    try:
+        known = a.create(content_type=SSE, write_path=WritePath.DETACHED)
+        a.append(known, events(3))
+        await until_copied(Pair(a, b), known)
+        reading = asyncio.create_task(read_all(known))
+
+        redis_server.stop()
+        a.end(known, EndState.DONE)  # Redis has the session: another node could fail it
+        unknown = a.create(content_type=SSE, write_path=WritePath.DETACHED)
+        a.append(unknown, events(2))
+        a.end(unknown, EndState.DONE)  # Redis never heard of it: nobody can contradict it
+        assert unknown.state is EndState.DONE
+        await eventually("a round to fail", lambda: store_up(metrics) == 0)
+        assert known.state is EndState.OPEN and not reading.done()  # a client here: no end yet
+
+        redis_server.start()  # same data
+        assert await reading == events(3)
+        assert known.state is EndState.DONE
+        assert (await until_copied(Pair(a, b), known)).state is EndState.DONE
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_round_retried_after_a_lost_reply_changes_nothing(
+    redis_server: RedisServer,
+) -> None:
+    """The replication script run twice with the same records (the writer never saw the first
+    reply): the same answers, no event twice, and its own end is not taken for a fence."""
+    raw = aioredis.from_url(redis_server.url)
+    try:
+        await raw.set("lease", "a")
+        head = ["p", "a", 60_000, 60_000]
+        meta = [SSE, "inline", "", ""]  # content type, write path, owner, request key
+        first = [*head, "S1", "1 2 open 0 0", *meta, *events(2)]
+        later = [*head, "S1", "3 2 done 60000 0", *meta, "", *events(2, start=3)]
+        no_lease = await raw.eval(SYNC_ROUND, 1, "nobody", *first)
+        assert no_lease == [0]  # a writer without its lease writes nothing
+        for _ in range(2):
+            assert await raw.eval(SYNC_ROUND, 1, "lease", *first) == [1, 2]
+        for _ in range(2):
+            assert await raw.eval(SYNC_ROUND, 1, "lease", *later) == [1, 4]
+        assert await raw.xlen("p:{S1}:events") == 5  # four events and the end marker
+        assert await raw.hget("p:{S1}:meta", "state") == b"done"
+    finally:
+        await raw.aclose()

@@ -108,6 +108,17 @@ def _body(data: bytes) -> ProcessingResponse:
     return response
 
 
+def cut_stream() -> ProcessingResponse:
+    """Break the client's response mid-body: its headers went out, so Envoy resets the stream,
+    which every HTTP client reports. For a session that will not end `done` here (a shared
+    store's other node took it over): never passed off as complete."""
+    return ProcessingResponse(
+        immediate_response=ImmediateResponse(
+            status=HttpStatus(code=503), details="relay_session_cut"
+        )
+    )
+
+
 def _refuse(error: RelayError) -> ProcessingResponse:
     """Answer the client from Envoy without calling the LLM (the one mapping of this front)."""
     return ProcessingResponse(
@@ -136,6 +147,7 @@ class StreamProcessor:
         "_store",
         "_writer",
         "route",
+        "settling",
     )
 
     def __init__(
@@ -164,6 +176,9 @@ class StreamProcessor:
         self.route = route
         # Without one from the route, the node's default decides on the request headers.
         self._default_route = default_route if route is None else None
+        # The reply that ends the stream must wait until the store records `done` (a shared
+        # store holds it until stored): see service.py.
+        self.settling = False
 
     @property
     def session(self) -> SessionLog | None:
@@ -261,9 +276,12 @@ class StreamProcessor:
         writer = self._writer
         if writer is None:
             return _PASS_BODY
+        if self._store.fenced(writer.log):  # another node may own it now: nothing more here
+            return cut_stream()
         out = writer.feed(body.body)
         if body.end_of_stream:
             out += writer.close()
+            self.settling = writer.log.state is EndState.OPEN
             if self._slot is not None:
                 self._slot.release()  # the session is over: its quota slot is free again
         return _body(out)

@@ -6,6 +6,8 @@ end; a session still open when the stream goes away was cut short (client gone).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 
@@ -14,11 +16,15 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_gr
 from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest, ProcessingResponse
 
 from extproc.access.quota import SessionQuota
-from extproc.inline.processor import WRITE_PATH_METADATA, StreamProcessor
+from extproc.inline.processor import WRITE_PATH_METADATA, StreamProcessor, cut_stream
 from extproc.node.metrics import RelayMetrics
 from extproc.session.log import EndState
 from extproc.store.base import SessionStore
 from extproc.vocabulary import WritePath
+
+# Below Envoy's ext_proc message_timeout (2 s in envoy/envoy.yaml), past which Envoy would
+# fail open and end the response itself.
+SETTLE_TIMEOUT_S = 1.0
 
 
 class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):  # type: ignore[misc]
@@ -64,6 +70,8 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):  # type: ignor
                 response = processor.handle(request)
                 timings[request.WhichOneof("request")].observe(time.perf_counter() - started)
                 if response is not None:
+                    if processor.settling:
+                        response = await _settled(processor, response)
                     yield response
         finally:
             self.streams -= 1
@@ -73,6 +81,18 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):  # type: ignor
             if session is not None and session.state is EndState.OPEN and not self.stop_reason:
                 metrics.inline_client_gone()
             processor.finish(EndState.CANCELLED, self.stop_reason or "client disconnected")
+
+
+async def _settled(processor: StreamProcessor, response: ProcessingResponse) -> ProcessingResponse:
+    """The reply that ends a stream tells the client it is complete. A shared store records
+    `done` only once it holds it (one round trip); if that does not happen in time, or the
+    session failed instead, the client's response is cut rather than passed off as complete."""
+    session = processor.session
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(SETTLE_TIMEOUT_S):
+            while session is not None and session.state is EndState.OPEN:
+                await session.wait_beyond(session.last_seq)
+    return response if session is not None and session.state is EndState.DONE else cut_stream()
 
 
 def add_to_server(servicer: ExternalProcessor, server: grpc.aio.Server) -> None:

@@ -19,6 +19,11 @@ class SessionStore(Protocol):
 
     def end(self, log: SessionLog, state: EndState, reason: str = "") -> None: ...
 
+    def fenced(self, log: SessionLog) -> bool:
+        """Whether this node must stop writing `log` and cut its writer's client (a shared
+        store: another node may have taken the session over; it has then ended `failed`)."""
+        ...
+
     async def lookup(
         self, session_id: str, *, at_least: int = 0, access: Access = OPEN
     ) -> SessionLog:

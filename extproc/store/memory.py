@@ -188,6 +188,9 @@ class MemoryStore:
             if (record := self._share(session_id, token_id)) is not None and record.expires_at > now
         }
 
+    def fenced(self, log: SessionLog) -> bool:
+        return False  # one process: no other node can take a session over
+
     def peek(self, session_id: str) -> SessionLog | None:
         """The log if this store holds it (None otherwise, no error and no tombstone)."""
         return self._logs.get(session_id)

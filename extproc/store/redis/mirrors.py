@@ -18,15 +18,8 @@ from extproc.node.metrics import RelayMetrics
 from extproc.session.log import EndState, SessionLog, WritePath
 from extproc.store.memory import LogCache, StoreLimits
 from extproc.store.redis.client import RedisCalls
-from extproc.store.redis.schema import (
-    FAIL_IF_ORPHANED,
-    GONE_TTL_S,
-    Entry,
-    Keys,
-    RedisSettings,
-    entries,
-    seq_of,
-)
+from extproc.store.redis.schema import GONE_TTL_S, Entry, Keys, RedisSettings, entries, seq_of
+from extproc.store.redis.scripts import FAIL_IF_ORPHANED
 from extproc.vocabulary import DropReason, StoreOp
 
 log = logging.getLogger("stream_relay.store")

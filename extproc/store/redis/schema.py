@@ -1,14 +1,20 @@
-"""How sessions are laid out in Redis (or Valkey), and the scripts that change them atomically.
+"""How sessions are laid out in Redis (or Valkey); the scripts that change them are in
+`scripts.py`.
 
-Keys of one session share a hash tag, so one script can touch them all (Redis Cluster too):
+Keys of one session share a hash tag ({<id>}); a replication round writes many sessions in one
+script call, so the store needs one Redis (or Valkey) primary, not a Redis Cluster.
   {prefix}:{<id>}:events   stream; entry `0-<seq>` holds event <seq> in field `d`; the end
                            marker `0-<last_seq+1>` (fields `end`, `reason`) comes with the end
-  {prefix}:{<id>}:meta     hash: state, reason, last_seq, content_type, write_path, node, owner,
-                           request (the key a resume must repeat, session/request_key.py)
+  {prefix}:{<id>}:meta     hash: state, content_type, write_path, node (its writer), owner,
+                           request (the key a resume must repeat, session/request_key.py);
+                           with the end: reason, last_seq, and `fenced` if another node ended it
   {prefix}:{<id>}:gone     the owner, written at the end and kept a day longer: 410, not 404
   {prefix}:{<id>}:shares   hash: share token id -> "<expiry> <sha256 of its secret>"
   {prefix}:{<id>}:readers  hash: node -> "<readers> <expiry ms>", who reads the session where
-  {prefix}:node:<node>     a writing node's lease; when it lapses, its open sessions fail
+  {prefix}:node:<node>     a writing node's lease; while it exists only that node writes its
+                           sessions, once it lapses another node may end them `failed`
+  {prefix}:epoch           when this Redis last started empty (ms), set by the first node to see
+                           it missing: a lookup right after that says 503, not 404
   {prefix}:cancel          pub/sub channel of session ids whose generation should stop
 """
 
@@ -25,65 +31,6 @@ DEFAULT_LEASE_S = 5.0
 DEFAULT_PREFIX = "stream-relay"
 OPEN_TTL_S = 3600.0  # an open session nobody writes to any more is dropped after this long
 GONE_TTL_S = 86400.0  # how long an ended session's id still answers 410 after its TTL
-
-# Append events at their seqs and record the state, atomically, so a reader never sees an
-# end before the last event. Idempotent: events already stored are skipped (a retried round);
-# a gap (Redis lost data, e.g. restarted empty) returns what Redis has so the writer resends.
-# Returns the last stored seq, or -1 if someone else ended the session (its lease lapsed).
-SYNC = """
-local n = redis.call('XLEN', KEYS[1])
-local current = redis.call('HGET', KEYS[2], 'state')
-if current and current ~= 'open' then return -1 end
-local first = tonumber(ARGV[1])
-local count = tonumber(ARGV[2])
-if first > n + 1 then return n end
-for i = 1, count do
-  local seq = first + i - 1
-  if seq > n then redis.call('XADD', KEYS[1], '0-' .. seq, 'd', ARGV[2 + i]) end
-end
-local last = n
-if count > 0 and first + count - 1 > n then last = first + count - 1 end
-local b = 2 + count
-local state = ARGV[b + 1]
-redis.call('HSET', KEYS[2], 'state', state, 'reason', ARGV[b + 2], 'last_seq', last,
-  'content_type', ARGV[b + 5], 'write_path', ARGV[b + 6], 'node', ARGV[b + 7],
-  'owner', ARGV[b + 8], 'request', ARGV[b + 9])
-if state ~= 'open' then
-  redis.call('XADD', KEYS[1], '0-' .. (last + 1), 'end', state, 'reason', ARGV[b + 2])
-  redis.call('SET', KEYS[3], ARGV[b + 8], 'PX', ARGV[b + 4])
-end
-redis.call('PEXPIRE', KEYS[1], ARGV[b + 3])
-redis.call('PEXPIRE', KEYS[2], ARGV[b + 3])
-return last
-"""
-
-# The writing node's lease lapsed while its session was open: end the session failed, once.
-FAIL_IF_ORPHANED = """
-if redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
-if redis.call('HGET', KEYS[2], 'state') ~= 'open' then return 0 end
-local n = redis.call('XLEN', KEYS[1])
-redis.call('XADD', KEYS[1], '0-' .. (n + 1), 'end', 'failed', 'reason', ARGV[1])
-redis.call('HSET', KEYS[2], 'state', 'failed', 'reason', ARGV[1], 'last_seq', n)
-redis.call('SET', KEYS[3], redis.call('HGET', KEYS[2], 'owner') or '', 'PX', ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-redis.call('PEXPIRE', KEYS[2], ARGV[2])
-return 1
-"""
-
-# Add a share token unless the session has MAX of them; expired ones give their slot back
-# first. Returns 1 if added, 0 if full.
-ADD_SHARE = """
-local now = tonumber(ARGV[4])
-for _, token in ipairs(redis.call('HKEYS', KEYS[1])) do
-  local value = redis.call('HGET', KEYS[1], token)
-  if tonumber(string.match(value, '^%S+')) <= now then redis.call('HDEL', KEYS[1], token) end
-end
-if redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-local ttl = tonumber(ARGV[5])
-if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
-return 1
-"""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -112,6 +59,10 @@ class RedisSettings:
     @property
     def cancel_channel(self) -> str:
         return f"{self.prefix}:cancel"
+
+    @property
+    def epoch_key(self) -> str:
+        return f"{self.prefix}:epoch"
 
 
 class Keys:
