@@ -12,16 +12,9 @@ from typing import Any
 import pytest
 from stream_relay_bench import peers, report
 from stream_relay_bench.command import selected, sweep_levels
-from stream_relay_bench.loadgen import Response
-from stream_relay_bench.runner import (
-    QUICK,
-    Load,
-    measure,
-    per_role,
-    run_loadgen,
-    streams_job,
-    sweep,
-)
+from stream_relay_bench.http1 import Response
+from stream_relay_bench.measure import measure, per_role, run_loadgen, streams_job, sweep
+from stream_relay_bench.plan import QUICK, Load
 from stream_relay_bench.scenarios import running
 from stream_relay_bench.stats import expected_events, percentile, summary
 
