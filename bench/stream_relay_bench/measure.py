@@ -9,7 +9,7 @@ import sys
 import threading
 from collections.abc import Callable
 
-from stream_relay_bench import procstat
+from stream_relay_bench import procstat, proof
 from stream_relay_bench.plan import MIN_DELIVERED, P99_BOUND_MS, Json, Load, Plan
 from stream_relay_bench.scenarios import Target
 
@@ -94,11 +94,14 @@ def streams_job(target: Target, load: Load) -> Json:
 
 
 def measure(target: Target, load: Load) -> Json:
+    """One paced run; its `proof` says whether the traffic went through the target's path."""
     job = streams_job(target, load)
     streams = job["streams"]
+    counted = proof.snapshot(target)  # outside the measured window: before the loadgen starts
     result, before, after = run_loadgen(
         job, target.pids, timeout_s=load.warmup_s + load.duration_s + 60
     )
+    evidence = proof.evidence(target, counted, proof.snapshot(target), result)
     cpu, rss = per_role(before, after, result["events"])
     wall = result["wall_s"]
     loadgen = before.get("loadgen"), after.get("loadgen")
@@ -117,16 +120,32 @@ def measure(target: Target, load: Load) -> Json:
         "errors": result["errors"],
         "error_samples": result["error_samples"],
         "event_bytes_mean": result["event_bytes_mean"],
-        "tagged_fraction": result["tagged"] / max(result["events_all"], 1),
+        "tagged_fraction": evidence["tagged_fraction"],
+        "proof": evidence,
     }
 
 
 def sustained(point: Json) -> bool:
+    """Within the latency bound, delivered, and through the scenario's path (a level at which
+    Envoy went around the processor measured something else)."""
     return bool(
         point["latency_ms"]["p99"] <= P99_BOUND_MS
         and point["delivered_ratio"] >= MIN_DELIVERED
         and not point["errors"]
+        and not point["proof"]["problems"]
     )
+
+
+def _level(point: Json) -> Json:
+    return {
+        "offered_events_per_s": point["offered_events_per_s"],
+        "events_per_s": point["events_per_s"],
+        "p99_ms": point["latency_ms"]["p99"],
+        "delivered_ratio": point["delivered_ratio"],
+        "sustained": sustained(point),
+        "loadgen_core": point["loadgen_core"],
+        "problems": point["proof"]["problems"],
+    }
 
 
 def sweep(target: Target, plan: Plan, main: Json) -> Json:
@@ -137,34 +156,17 @@ def sweep(target: Target, plan: Plan, main: Json) -> Json:
             events_per_s=level, duration_s=plan.sweep_duration_s, warmup_s=plan.sweep_warmup_s
         )
         point = measure(target, load)
-        levels.append(
-            {
-                "offered_events_per_s": point["offered_events_per_s"],
-                "events_per_s": point["events_per_s"],
-                "p99_ms": point["latency_ms"]["p99"],
-                "delivered_ratio": point["delivered_ratio"],
-                "sustained": sustained(point),
-                "loadgen_core": point["loadgen_core"],
-            }
-        )
+        levels.append(_level(point))
         print(
             f"bench:   sweep {level:>6.0f} ev/s offered: {point['events_per_s']:7.0f} delivered,"
-            f" p99 {point['latency_ms']['p99']:7.2f} ms",
+            f" p99 {point['latency_ms']['p99']:7.2f} ms"
+            + "".join(f"; {problem}" for problem in point["proof"]["problems"]),
             file=sys.stderr,
         )
         if not sustained(point):
             break
     if not plan.sweep:
-        levels.append(
-            {
-                "offered_events_per_s": main["offered_events_per_s"],
-                "events_per_s": main["events_per_s"],
-                "p99_ms": main["latency_ms"]["p99"],
-                "delivered_ratio": main["delivered_ratio"],
-                "sustained": sustained(main),
-                "loadgen_core": main["loadgen_core"],
-            }
-        )
+        levels.append(_level(main))
     ok = [lv["events_per_s"] for lv in levels if lv["sustained"]]
     return {
         "events_per_s": max(ok) if ok else 0.0,
@@ -176,11 +178,12 @@ def sweep(target: Target, plan: Plan, main: Json) -> Json:
     }
 
 
-def check(target: Target) -> None:
-    """One short stream before measuring: events arrive, tagged exactly on relay scenarios."""
+def check(name: str, target: Target) -> Json:
+    """One short stream before measuring: events arrive, through the scenario's path (else
+    PathNotProcessed says why)."""
     load = Load(events_per_s=20, duration_s=0.5, warmup_s=0.0, ttft_ms=(0, 0), tokens=(5, 5))
     point = measure(target, load)
     if point["errors"] or point["events_per_s"] <= 0:
         raise RuntimeError(f"sanity check failed: {point['error_samples'] or 'no events'}")
-    if (point["tagged_fraction"] >= 1.0) != target.tagged:
-        raise RuntimeError(f"sanity check: tagged fraction {point['tagged_fraction']:.2f}")
+    proof.verify(name, point)
+    return point

@@ -20,9 +20,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 from extproc.ops.supervisor import Stack, envoy_binary
-from stream_relay_bench import peers
+from stream_relay_bench import peers, proof
 from stream_relay_bench.measure import check, measure, sweep
 from stream_relay_bench.plan import FULL, QUICK, Json, Load, Plan
+from stream_relay_bench.proof import PathNotProcessed
 from stream_relay_bench.relay_jobs import (
     finished_sessions,
     multicast,
@@ -80,8 +81,9 @@ def run_scenario(
     under extras["scaleout"]."""
     upstream_pid = upstream.children[0].process.pid
     with running(name, upstream_port, upstream_pid, workdir / name) as target:
-        check(target)
+        check(name, target)
         main = measure(target, plan.main)
+        proof.verify(name, main)  # the numbers below are this path's, or none are reported
         print(
             f"bench: {name}: {main['events_per_s']:.0f} ev/s, p50 {main['latency_ms']['p50']:.2f}"
             f" / p99 {main['latency_ms']['p99']:.2f} ms",
@@ -135,6 +137,10 @@ def run(plan: Plan, scenarios: tuple[str, ...], workdir: Path, quick: bool) -> J
                 main, saturation = run_scenario(
                     name, upstream, upstream_port, plan, workdir, extras, scaleout=scaleout
                 )
+            except PathNotProcessed as exc:  # measured, but not what the name says: no numbers
+                report["scenarios"][name] = {"status": "invalid", "reason": f"{exc}"[:1000]}
+                print(f"bench: {exc}", file=sys.stderr)
+                continue
             except Exception as exc:  # one broken peer must not lose the other rows
                 report["scenarios"][name] = {"status": "failed", "reason": f"{exc}"[:500]}
                 print(f"bench: {name} failed: {exc}", file=sys.stderr)
