@@ -128,7 +128,8 @@ async def in_process(servicer: str, streams: int, chunks: int) -> float:
     started = time.perf_counter()
     for _ in range(streams):
         async for reply in processor.Process(requests(), _Context()):
-            reply.SerializeToString()
+            if not isinstance(reply, bytes):  # the relay's body replies are wire bytes already
+                reply.SerializeToString()
     return (time.perf_counter() - started) * 1e6 / (streams * (chunks + 2))
 
 
@@ -197,11 +198,7 @@ def run_once(variant: Variant, streams: int, chunks: int) -> Run:
                 os.killpg(server.pid, signal.SIGKILL)  # whatever a wrapper left behind
             server.wait()
     messages = streams * chunks
-    instructions = 0
-    for out in workdir.glob("callgrind.out*"):
-        for line in out.read_text().splitlines():
-            if line.startswith("summary:") or line.startswith("totals:"):
-                instructions = max(instructions, int(line.split()[1]))
+    instructions = max((_callgrind_total(out) for out in workdir.glob("callgrind.out*")), default=0)
     return Run(messages, wall, (after.cpu_s - before.cpu_s) * 1e6 / messages, instructions)
 
 
@@ -213,6 +210,41 @@ def instructions_per_message(variant: Variant, streams: int, chunks: int) -> flo
     small = run_once(grind, streams, chunks)
     large = run_once(grind, streams, 2 * chunks)
     return (large.instructions - small.instructions) / (large.messages - small.messages)
+
+
+def in_process_instructions(variant: Variant, streams: int, chunks: int) -> float:
+    """--in-process under callgrind, with `chunks` and twice as many: instructions of one more
+    message through the servicer's own code (parse, Process loop, serialize)."""
+    counts = []
+    for n in (chunks, 2 * chunks):
+        with tempfile.TemporaryDirectory(prefix="hotpath-") as workdir:
+            out = Path(workdir) / "callgrind.out"
+            env = {**os.environ, **dict(variant.env)}
+            if variant.tree:
+                env["PYTHONPATH"] = os.pathsep.join(
+                    filter(None, (variant.tree, env.get("PYTHONPATH")))
+                )
+            subprocess.run(
+                [
+                    *("valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"),
+                    *(sys.executable, __file__, "--in-process", "--servicer", variant.servicer),
+                    *("--streams", str(streams), "--chunks", str(n)),
+                ],
+                env=env,
+                check=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            counts.append(_callgrind_total(out))
+    return (counts[1] - counts[0]) / (streams * chunks)
+
+
+def _callgrind_total(path: Path) -> int:
+    total = 0
+    for line in path.read_text().splitlines():
+        if line.startswith(("summary:", "totals:")):
+            total = max(total, int(line.split()[1]))
+    return total
 
 
 def main() -> int:
@@ -238,7 +270,7 @@ def main() -> int:
     if args.client_port:
         asyncio.run(drive(args.client_port, args.streams, args.chunks))
         return 0
-    if args.in_process:
+    if args.in_process and not args.instructions:
         per = asyncio.run(in_process(args.servicer, args.streams, args.chunks))
         print(f"{args.servicer} in process: {per:.2f} µs per message", flush=True)
         return 0
@@ -258,6 +290,10 @@ def main() -> int:
         for label, variant in variants:
             name = f"{label}{pair + 1} " if label else ""
             what = f"{variant.servicer} {' '.join('='.join(e) for e in variant.env)}".strip()
+            if args.instructions and args.in_process:
+                per = in_process_instructions(variant, args.streams, args.chunks)
+                print(f"{name}{what}: {per:,.0f} instructions per message in process", flush=True)
+                continue
             if args.instructions:
                 per = instructions_per_message(variant, args.streams, args.chunks)
                 print(f"{name}{what}: {per:,.0f} instructions per body message", flush=True)

@@ -14,11 +14,13 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_gr
 from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest, ProcessingResponse
 
 from extproc.access.quota import SessionQuota
-from extproc.inline.processor import WRITE_PATH_METADATA, StreamProcessor
+from extproc.inline.processor import WRITE_PATH_METADATA, Reply, StreamProcessor
 from extproc.node.metrics import RelayMetrics
 from extproc.session.log import EndState
 from extproc.store.base import SessionStore
 from extproc.vocabulary import WritePath
+
+SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 
 
 class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):  # type: ignore[misc]
@@ -39,7 +41,7 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):  # type: ignor
         self,
         request_iterator: AsyncIterator[ProcessingRequest],
         context: grpc.aio.ServicerContext[ProcessingRequest, ProcessingResponse],
-    ) -> AsyncIterator[ProcessingResponse]:
+    ) -> AsyncIterator[Reply]:
         # Envoy's per-route ext_proc override names a generation route's write path.
         route = dict(context.invocation_metadata() or ()).get(WRITE_PATH_METADATA)
         metrics = self._metrics
@@ -51,11 +53,13 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):  # type: ignor
             route=WritePath(route) if route in tuple(WritePath) else None,
         )
         timings = metrics.processor_message
+        clock = time.perf_counter
         try:
             async for request in request_iterator:
-                started = time.perf_counter()
-                response = processor.handle(request)
-                timings[request.WhichOneof("request")].observe(time.perf_counter() - started)
+                started = clock()
+                kind = request.WhichOneof("request")
+                response = processor.handle(request, kind)
+                timings[kind].observe(clock() - started)
                 if response is not None:
                     yield response
         finally:
@@ -66,5 +70,19 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):  # type: ignor
             processor.finish(EndState.CANCELLED, "client disconnected")
 
 
+def _serialize(reply: Reply) -> bytes:
+    """Body replies arrive as wire bytes already (processor._body); the rest are messages."""
+    return reply if isinstance(reply, bytes) else reply.SerializeToString()
+
+
 def add_to_server(servicer: ExternalProcessor, server: grpc.aio.Server) -> None:
-    ext_proc_grpc.add_ExternalProcessorServicer_to_server(servicer, server)
+    """As the generated add_ExternalProcessorServicer_to_server, with our serializer."""
+    handlers = {
+        "Process": grpc.stream_stream_rpc_method_handler(
+            servicer.Process,
+            request_deserializer=ProcessingRequest.FromString,
+            response_serializer=_serialize,
+        )
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)  # type: ignore[attr-defined]
