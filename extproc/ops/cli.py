@@ -10,7 +10,6 @@ Invalid flags or configuration print one line naming the problem and exit with s
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 from pathlib import Path
@@ -276,9 +275,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "up":
             return _up(args)
         if args.command == "serve":
-            from extproc.node.process import serve
+            from extproc.node.process import run as run_node
 
-            asyncio.run(serve(NodeSettings.from_flags(vars(args)), args.ports_file))
+            run_node(NodeSettings.from_flags(vars(args)), args.ports_file)
             return 0
         if args.command == "bench":
             try:
