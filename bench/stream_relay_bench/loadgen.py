@@ -223,7 +223,8 @@ async def _post_session(
         _chat_body(job.get("model", "bench"), tokens),
         response,
     )
-    if await response.head != 200 or "x-relay-session" not in response.headers:
+    status = await response.head
+    if status != 200 or ("x-relay-session" not in response.headers and job.get("session", True)):
         raise HttpError(f"no session: HTTP {response.status} {response.headers}")
     return conn, response, counter
 
@@ -332,7 +333,8 @@ async def resume(job: Job) -> Job:
 
 async def hold(job: Job) -> Job:
     """Open `sessions` streams whose first event is far away, report when all are open, wait
-    for a line on stdin, close them. For the relay's memory per open session."""
+    for a line on stdin, close them. For the relay's memory per open session (`"session":
+    false`: a path without relay sessions, such as the no-op processor's)."""
     tally = Tally()
     sem = asyncio.Semaphore(50)
 

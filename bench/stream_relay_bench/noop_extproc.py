@@ -2,7 +2,8 @@
 
 It answers request headers with "continue", switches `200 text/event-stream` responses to
 STREAMED body mode (the relay's own `mode_override`) and passes every body chunk unchanged.
-What it costs per chunk is the floor of a Python grpc.aio ext_proc on this machine.
+What it costs per chunk is the floor of a Python grpc.aio ext_proc on this machine (on uvloop,
+as the relay node runs).
 
 Like the relay node it serves `grpc.health.v1.Health`: the relay_grpc cluster health-checks
 its hosts, and a processor without health is marked unhealthy, so Envoy fails open and the
@@ -21,6 +22,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
+import uvloop
 from aiohttp import web
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
 from envoy.service.ext_proc.v3.external_processor_pb2 import (
@@ -45,6 +47,7 @@ class NoopProcessor(ext_proc_grpc.ExternalProcessorServicer):  # type: ignore[mi
     def __init__(self) -> None:
         self.answered = dict.fromkeys(MESSAGE_PHASES, 0)  # messages answered, by phase
         self.streams = 0
+        self.open = 0  # streams not yet ended
 
     async def Process(
         self,
@@ -52,22 +55,26 @@ class NoopProcessor(ext_proc_grpc.ExternalProcessorServicer):  # type: ignore[mi
         context: grpc.aio.ServicerContext[ProcessingRequest, ProcessingResponse],
     ) -> AsyncIterator[ProcessingResponse]:
         self.streams += 1
+        self.open += 1
         answered = self.answered
-        async for request in request_iterator:
-            kind = request.WhichOneof("request")
-            if kind == "response_body":
-                answered[kind] += 1
-                yield _PASS_BODY
-            elif kind == "request_headers":
-                answered[kind] += 1
-                yield _CONTINUE_REQUEST
-            elif kind == "response_headers":
-                answered[kind] += 1
-                headers = request.response_headers
-                stream = header_value(headers, ":status") == "200" and "event-stream" in (
-                    header_value(headers, "content-type") or ""
-                )
-                yield _STREAM if stream else _CONTINUE_RESPONSE
+        try:
+            async for request in request_iterator:
+                kind = request.WhichOneof("request")
+                if kind == "response_body":
+                    answered[kind] += 1
+                    yield _PASS_BODY
+                elif kind == "request_headers":
+                    answered[kind] += 1
+                    yield _CONTINUE_REQUEST
+                elif kind == "response_headers":
+                    answered[kind] += 1
+                    headers = request.response_headers
+                    stream = header_value(headers, ":status") == "200" and "event-stream" in (
+                        header_value(headers, "content-type") or ""
+                    )
+                    yield _STREAM if stream else _CONTINUE_RESPONSE
+        finally:
+            self.open -= 1
 
 
 async def serve(port: int, ports_file: Path | None, *, with_health: bool = True) -> None:
@@ -82,7 +89,8 @@ async def serve(port: int, ports_file: Path | None, *, with_health: bool = True)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
 
     async def stats(request: web.Request) -> web.Response:
-        return web.json_response({"answered": processor.answered, "streams": processor.streams})
+        counts = {"answered": processor.answered, "streams": processor.streams}
+        return web.json_response({**counts, "open": processor.open})
 
     app = web.Application()
     app.router.add_get("/stats", stats)
@@ -111,7 +119,9 @@ def main() -> None:
         help="serve no grpc.health.v1 (what the broken floor did; for the bench's own tests)",
     )
     args = parser.parse_args()
-    asyncio.run(serve(args.port, args.ports_file, with_health=not args.no_health))
+    # The relay node's event loop (extproc.node.process.run): the floor runs on the same stack.
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(serve(args.port, args.ports_file, with_health=not args.no_health))
 
 
 if __name__ == "__main__":
