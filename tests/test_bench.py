@@ -130,6 +130,8 @@ def test_targets_and_markdown() -> None:
     noop = _row(cpu_us_per_event={"relay": 20.0, "loadgen": 1.0})
     result = _report(envoy=_row(), relay_inline=inline, extproc_noop=noop)
     result["saturation"]["extproc_noop"]["events_per_s"] = 200.0
+    for name in ("relay_inline", "extproc_noop"):  # a full run: both swept to their limit
+        result["saturation"][name]["lower_bound"] = False
     found = {t["target"]: t for t in report.targets(result)}
     p50 = found["relay_inline adds ≤1 ms p50 over envoy"]
     assert p50["value"] == pytest.approx(0.3) and p50["met"]
@@ -138,6 +140,8 @@ def test_targets_and_markdown() -> None:
     assert cpu["value"] == pytest.approx(1.5) and not cpu["met"]
     saturation = found["relay_inline saturation ≥0.9x extproc_noop's"]
     assert saturation["value"] == pytest.approx(0.5) and not saturation["met"]
+    result["saturation"]["extproc_noop"]["lower_bound"] = True  # a quick run: no sweep
+    assert not [t for t in report.targets(result) if "saturation" in t["target"]]
     table = report.markdown(result)
     assert "| relay_inline | 100 | 1.30 | 6.00 | 9.00 |" in table
     assert "**no**" in table

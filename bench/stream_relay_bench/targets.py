@@ -25,9 +25,12 @@ def _cpu(row: Json | None, role: str = "relay") -> float:
 
 
 def _saturation(report: Json, name: str) -> float:
-    if ok_row(report, name) is None or name not in report.get("saturation", {}):
+    """The scenario's saturation point; nan when unmeasured or only a lower bound (every level
+    passed, as in a quick run without a sweep): a ratio of lower bounds says nothing."""
+    sat = report.get("saturation", {}).get(name)
+    if ok_row(report, name) is None or sat is None or sat.get("lower_bound"):
         return math.nan
-    return float(report["saturation"][name]["events_per_s"])
+    return float(sat["events_per_s"])
 
 
 def _ratio(a: float, b: float) -> float:
