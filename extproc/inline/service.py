@@ -58,7 +58,10 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):  # type: ignor
             async for request in request_iterator:
                 started = clock()
                 kind = request.WhichOneof("request")
-                response = processor.handle(request, kind)
+                if kind == "response_body":  # nearly every message: no dispatch call
+                    response = processor.on_response_body(request.response_body)
+                else:
+                    response = processor.handle(request, kind)
                 timings[kind].observe(clock() - started)
                 if response is not None:
                     yield response

@@ -107,7 +107,7 @@ class SseFramer(_Framer):
             and data[0] != 10
             and len(data) <= self._limit
         ):
-            return [_frame(Frame, (data, _has_data(data), True))]
+            return [_frame(Frame, (data, data.startswith(b"data:") or _has_data(data), True))]
         return super().feed(data)
 
     def _cut(self, buf: bytes | bytearray, scan: int, frames: list[Frame]) -> tuple[int, int]:

@@ -88,7 +88,8 @@ class SessionLog:
         self._events += events
         self.last_seq += len(events)
         self.nbytes += nbytes + EVENT_OVERHEAD_BYTES * len(events)
-        self._wake()
+        if self._changed is not None:  # a cursor waits (inline logs rarely have one)
+            self._wake()
 
     def end(self, state: EndState, reason: str = "") -> None:
         """Record the end state once; later calls are ignored (the first cause wins)."""
