@@ -1,6 +1,7 @@
 """`stream-relay bench`: its pure parts (percentiles, the load generator's HTTP parser, report
-checks and tables, scenario selection) and tiny runs through the real harness, one of them on
-two relay nodes with their own redis-server."""
+checks and tables, targets, the proof that a scenario went through its path, scenario
+selection) and tiny runs through the real harness: the no-op floor with and without gRPC health,
+direct and relay_inline, two relay nodes with their own redis-server."""
 
 from __future__ import annotations
 
@@ -10,18 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from stream_relay_bench import peers, report
+from stream_relay_bench import peers, proof, report
 from stream_relay_bench.command import selected, sweep_levels
-from stream_relay_bench.loadgen import Response
-from stream_relay_bench.runner import (
-    QUICK,
-    Load,
-    measure,
-    per_role,
-    run_loadgen,
-    streams_job,
-    sweep,
-)
+from stream_relay_bench.http1 import Response
+from stream_relay_bench.measure import check, measure, per_role, run_loadgen, streams_job, sweep
+from stream_relay_bench.plan import QUICK, Load
 from stream_relay_bench.scenarios import running
 from stream_relay_bench.stats import expected_events, percentile, summary
 
@@ -82,6 +76,16 @@ def _row(**over: Any) -> dict[str, Any]:
         "ttft_ms": {"p50": 5.0, "p99": 6.0},
         "cpu_us_per_event": {"relay": 30.0, "envoy": 20.0, "loadgen": 10.0},
         "rss_mb": {"relay": 50.0, "loadgen": 20.0},
+        "proof": {
+            "path": "plain",
+            "requests": 2,
+            "events": 40,
+            "tagged_fraction": 0.0,
+            "ext_proc": {},
+            "processor_body_messages": 0,
+            "events_logged": 0,
+            "problems": [],
+        },
     }
     return {**row, **over}
 
@@ -122,17 +126,73 @@ def test_schema_accepts_a_good_report_and_names_what_is_wrong() -> None:
 
 
 def test_targets_and_markdown() -> None:
-    inline = _row(latency_ms={"p50": 1.3, "p99": 5.0, "max": 9.0})
+    inline = _row(latency_ms={"p50": 1.3, "p99": 6.0, "max": 9.0})
     noop = _row(cpu_us_per_event={"relay": 20.0, "loadgen": 1.0})
     result = _report(envoy=_row(), relay_inline=inline, extproc_noop=noop)
+    result["saturation"]["extproc_noop"]["events_per_s"] = 200.0
+    for name in ("relay_inline", "extproc_noop"):  # a full run: both swept to their limit
+        result["saturation"][name]["lower_bound"] = False
     found = {t["target"]: t for t in report.targets(result)}
-    p50 = found["relay_inline adds ≤0.5 ms p50 over envoy"]
+    p50 = found["relay_inline adds ≤1 ms p50 over envoy"]
     assert p50["value"] == pytest.approx(0.3) and p50["met"]
-    assert not found["relay_inline adds ≤2.0 ms p99 over envoy"]["met"]
-    assert found["relay CPU per event ≤1.25x extproc_noop's"]["value"] == pytest.approx(1.5)
+    assert not found["relay_inline adds ≤3 ms p99 over envoy"]["met"]
+    cpu = found["relay_inline CPU per event ≤1.15x extproc_noop's (same run)"]
+    assert cpu["value"] == pytest.approx(1.5) and not cpu["met"]
+    saturation = found["relay_inline saturation ≥0.9x extproc_noop's"]
+    assert saturation["value"] == pytest.approx(0.5) and not saturation["met"]
+    result["saturation"]["extproc_noop"]["lower_bound"] = True  # a quick run: no sweep
+    assert not [t for t in report.targets(result) if "saturation" in t["target"]]
     table = report.markdown(result)
-    assert "| relay_inline | 100 | 1.30 | 5.00 | 9.00 |" in table
+    assert "| relay_inline | 100 | 1.30 | 6.00 | 9.00 |" in table
     assert "**no**" in table
+
+
+def _noop_proof(**ext_proc: int) -> dict[str, Any]:
+    counted = {"streams_started": 10, "failure_mode_allowed": 0, "message_timeouts": 0}
+    return {
+        "path": "noop",
+        "requests": 10,
+        "events": 200,
+        "tagged_fraction": 0.0,
+        "ext_proc": {**counted, **ext_proc},
+        "processor_body_messages": 0 if ext_proc else 200,
+        "events_logged": 0,
+    }
+
+
+def test_a_noop_that_never_processed_fails_the_run_and_prints_no_ratio() -> None:
+    """The floor Envoy went around (unhealthy, fail open) is named with the reasons; its row
+    gives no numbers, so no target is computed against it, and the run fails."""
+    assert proof.problems(_noop_proof()) == []
+    skipped = _noop_proof(failure_mode_allowed=10)
+    reasons = proof.problems(skipped)
+    assert any("went around the processor 10 times" in r for r in reasons)
+    assert any("grpc.health.v1" in r for r in reasons)
+    assert "the no-op processor answered 0 body messages" in reasons
+    with pytest.raises(proof.PathNotProcessed, match=r"^extproc_noop did not process its path"):
+        proof.verify("extproc_noop", {"proof": {**skipped, "problems": reasons}})
+    result = _report(
+        relay_inline=_row(),
+        extproc_noop={"status": "invalid", "reason": "extproc_noop did not process its path"},
+    )
+    assert not [t for t in report.targets(result) if "extproc_noop" in t["target"]]
+    assert report.failures(result) == [
+        "extproc_noop: invalid: extproc_noop did not process its path"
+    ]
+    assert report.schema_errors(result) == []
+    unavailable = _report(envoy=_row(), nginx={"status": "unavailable", "reason": "no apt"})
+    assert report.failures(unavailable) == []
+
+
+def test_relay_paths_must_tag_every_event() -> None:
+    inline = {**_noop_proof(), "path": "inline", "tagged_fraction": 0.99}
+    assert proof.problems(inline) == [
+        "only 99.0% of events reached the client tagged (must be all)"
+    ]
+    detached = {**inline, "path": "detached", "tagged_fraction": 1.0, "events_logged": 0}
+    assert proof.problems(detached) == ["the relay logged no events"]
+    plain = {"path": "plain", "events": 5, "tagged_fraction": 0.2}
+    assert proof.problems(plain) == ["20% of events carry id: lines, but no relay is in this path"]
 
 
 def test_redis_cost_and_no_redis_column_without_redis_rows() -> None:
@@ -236,3 +296,24 @@ def test_two_redis_nodes_count_as_one_relay_role(
         ours = {role: roots for role, roots in target.pids.items() if role != "upstream"}
         started = [pid for roots in ours.values() for pid in roots]
     assert not [pid for pid in started if Path(f"/proc/{pid}").exists()]
+
+
+def test_the_noop_floor_proves_its_path_only_with_grpc_health(
+    upstream: tuple[Stack, int], tmp_path: Path
+) -> None:
+    """extproc_noop through real Envoy: without grpc.health.v1 the relay_grpc cluster marks the
+    no-op unhealthy and Envoy fails open, which the check refuses, saying why; with health
+    the no-op answers every body chunk and the check passes."""
+    stack, port = upstream
+    pid = stack.children[0].process.pid
+    name = "extproc_noop"
+    broken_noop = running(name, port, pid, tmp_path / "broken", noop_args=("--no-health",))
+    with broken_noop as target, pytest.raises(proof.PathNotProcessed) as broken:
+        check(name, target)
+    assert "extproc_noop did not process its path (noop)" in str(broken.value)
+    assert "failure_mode_allowed" in str(broken.value)
+    with running(name, port, pid, tmp_path / "healthy") as target:
+        point = check(name, target)
+    evidence = point["proof"]
+    assert evidence["problems"] == [] and evidence["processor_body_messages"] > 0
+    assert evidence["ext_proc"]["streams_started"] >= evidence["requests"] > 0

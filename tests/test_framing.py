@@ -320,6 +320,10 @@ def test_limit_applies_to_complete_frames_too(cls: type[Framer], end: bytes) -> 
         cls(max_frame_bytes=100).feed(small + b"data: " + b"z" * 100 + end + small)
     assert err.value.frames == [Frame(small, True)]  # frames before the oversized one survive
     assert err.value.rest == b"data: " + b"z" * 100 + end + small  # and so does every byte
+    framer = cls(max_frame_bytes=100)
+    assert framer.feed(small) == [Frame(small, True)]
+    with pytest.raises(FrameTooLarge):  # one oversized event as a chunk of its own
+        framer.feed(b"data: " + b"z" * 100 + end)
 
 
 # ---- round trip: encode random events, frame, read back, tag, re-frame ------------------------
@@ -365,6 +369,63 @@ def test_round_trip_encode_frame_tag(
         assert sse_data(new.raw) == sse_data(old.raw)
 
 
+# ---- one event per chunk (the framer's shortcut) --------------------------------------------
+
+lf_stream = st.lists(sse_event, max_size=8).map(
+    lambda events: b"".join(
+        "".join(
+            [f": {c}\n" for c in comments]
+            + ([f"event: {name}\n"] if name is not None else [])
+            + ([f"id: up{i}\n"] if with_id else [])
+            + [f"data: {d}\n" for d in data]
+            + ["\n"]
+        ).encode()
+        for i, (name, comments, data, with_id) in enumerate(events)
+    )
+)
+
+
+def frames_grouped(frames: list[Frame], cuts: list[int]) -> list[bytes]:
+    """The frames' bytes as chunks that start and end on frame boundaries: one frame per chunk,
+    or several (a lone blank line and an event, two blocks split by CR CR, ...)."""
+    bounds = [0, *sorted({c % (len(frames) + 1) for c in cuts}), len(frames)]
+    chunks = [b"".join(f.raw for f in frames[a:b]) for a, b in itertools.pairwise(bounds)]
+    return [chunk for chunk in chunks if chunk]
+
+
+@given(
+    st.one_of(sse_bytes, lf_stream, st.sampled_from([load(n) for n in SSE_COUNTS])),
+    st.lists(st.integers(min_value=0), max_size=10),
+)
+def test_whole_blocks_per_chunk_frame_as_the_whole_stream(stream: bytes, cuts: list[int]) -> None:
+    """LLM servers write each event as one chunk: the framer's shortcut for a chunk that is
+    exactly one block gives the frames the general path gives, and is not taken for a chunk
+    of several blocks."""
+    whole = frame_all(SseFramer(), [stream])
+    assert frame_all(SseFramer(), [f.raw for f in whole]) == whole
+    assert frame_all(SseFramer(), frames_grouped(whole, cuts)) == whole
+
+
+@given(
+    st.one_of(sse_bytes, st.just(load("ollama-chat.ndjson"))),
+    st.lists(st.integers(min_value=0), max_size=10),
+)
+def test_whole_lines_per_chunk_frame_as_the_whole_stream(stream: bytes, cuts: list[int]) -> None:
+    whole = frame_all(NdjsonFramer(), [stream])
+    assert frame_all(NdjsonFramer(), [f.raw for f in whole]) == whole
+    assert frame_all(NdjsonFramer(), [b"", *frames_grouped(whole, cuts)]) == whole
+
+
+def test_several_blocks_in_one_chunk_are_several_frames() -> None:
+    framer = SseFramer()
+    framer.feed(b"data: 0\n\n")
+    assert framer.feed(b"data: a\r\rdata: b\n\n") == [
+        Frame(b"data: a\r\r", True),
+        Frame(b"data: b\n\n", True),
+    ]
+    assert framer.feed(b"\ndata: c\n\n") == [Frame(b"\n", False), Frame(b"data: c\n\n", True)]
+
+
 # ---- helpers --------------------------------------------------------------------------------
 
 
@@ -379,6 +440,9 @@ def test_tag_sse_line_ends_and_id_forms() -> None:
     assert tag_sse(b"data: a\r\r", "5") == b"id: 5\rdata: a\r\r"
     assert tag_sse(b"id\nid: 3\nid :kept\ndata: a\n\n", "5") == b"id: 5\nid :kept\ndata: a\n\n"
     assert tag_sse(b"data: a", "5") == b"id: 5\ndata: a"  # unterminated: LF by default
+    assert tag_sse(b"data: a\nid: 3\n\n", "5") == b"id: 5\ndata: a\n\n"  # id after data
+    assert tag_sse(b"data: a\r\nid: 3\r\n\r\n", "5") == b"id: 5\r\ndata: a\r\n\r\n"
+    assert tag_sse(b"data: a\nidx: 3\n\n", "5") == b"id: 5\ndata: a\nidx: 3\n\n"
     with pytest.raises(ValueError):
         tag_sse(b"data: a\n\n", "bad\nid")
 

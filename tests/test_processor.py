@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 
 from extproc.access.identity import owner_key
 from extproc.access.quota import SessionQuota
+from extproc.inline import processor as processor_module
 from extproc.inline.processor import StreamProcessor
 from extproc.node.metrics import RelayMetrics
 from extproc.session.log import EVENT_OVERHEAD_BYTES, LOG_OVERHEAD_BYTES, EndState, SessionLog
@@ -98,10 +99,11 @@ def body_chunk(data: bytes, *, end_of_stream: bool = False) -> ProcessingRequest
     return ProcessingRequest(response_body=HttpBody(body=data, end_of_stream=end_of_stream))
 
 
-def on_wire(response: ProcessingResponse | None) -> ProcessingResponse:
-    """The reply as Envoy decodes it."""
+def on_wire(response: ProcessingResponse | bytes | None) -> ProcessingResponse:
+    """The reply as Envoy decodes it (body replies are wire bytes already)."""
     assert response is not None
-    return ProcessingResponse.FromString(response.SerializeToString())
+    wire = response if isinstance(response, bytes) else response.SerializeToString()
+    return ProcessingResponse.FromString(wire)
 
 
 def client_bytes(chunk: bytes, response: ProcessingResponse) -> bytes:
@@ -549,6 +551,21 @@ def test_log_limit_with_one_event_per_chunk() -> None:
     assert (log.state, log.reason) == (EndState.FAILED, "log_limit_exceeded")
     assert out[:kept] == events[:kept]  # every block of this fixture is an event
     assert out[kept:] == blocks[kept:]
+
+
+@pytest.mark.parametrize(
+    "size", [0, 1, *range(118, 134), 280, *range(16_370, 16_390), 2_097_151, 2_097_152]
+)
+def test_body_reply_wire_bytes_are_the_messages_serialization(size: int) -> None:
+    """The body reply is hand-encoded (processor._body); it must be byte for byte what the
+    protobuf class serializes, across every varint length boundary of the nested fields."""
+    data = (bytes(range(256)) * (size // 256 + 1))[:size]
+    message = ProcessingResponse()
+    if data:
+        message.response_body.response.body_mutation.body = data
+    else:
+        message.response_body.response.body_mutation.clear_body = True
+    assert processor_module._body(data) == message.SerializeToString()
 
 
 def test_other_phases_continue_unchanged() -> None:

@@ -129,4 +129,7 @@ def main(args: argparse.Namespace) -> int:
     problems = report.schema_errors(result)
     for problem in problems:
         print(f"stream-relay bench: report: {problem}", file=sys.stderr)
-    return 1 if problems else 0
+    failed = report.failures(result)
+    for failure in failed:  # last, so they are what a reader of the output sees
+        print(f"stream-relay bench: FAILED {failure}", file=sys.stderr)
+    return 1 if problems or failed else 0

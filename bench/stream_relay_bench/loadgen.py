@@ -1,8 +1,8 @@
-"""The load generator: raw asyncio HTTP/1.1 over loopback sockets, run as its own process.
+"""The load generator: paced LLM-like streams and the other jobs, run as its own process.
 
-Why raw: httpx or aiohttp cost ~40-50 µs of Python per event, which on 2 cores would make the
-client the bottleneck. Here one `data_received` call de-chunks the body and finds every
-`"x_demo_ts":` stamp with bytes.find; nothing per event but a float parse.
+Every job talks HTTP/1.1 through `http1` (raw asyncio sockets); one `data_received` call
+de-chunks the body and finds every `"x_demo_ts":` stamp with bytes.find, so nothing runs per
+event but a float parse.
 
 Run as `python -m stream_relay_bench.loadgen`: one JSON job on stdin, JSON lines on stdout:
 `{"phase": "start"}` and `{"phase": "end"}` around the measured window (the orchestrator
@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from stream_relay_bench.http1 import Connection, HttpError, Response
 from stream_relay_bench.stats import expected_events, summary
 
 TS_KEY = b'"x_demo_ts":'
@@ -36,10 +37,6 @@ def _emit(obj: object) -> None:
 def _cpu_s() -> float:
     own = resource.getrusage(resource.RUSAGE_SELF)
     return own.ru_utime + own.ru_stime
-
-
-class HttpError(Exception):
-    pass
 
 
 @dataclass
@@ -74,167 +71,6 @@ class Tally:
             "latency_ms": summary(self.latencies_ms),
             "ttft_ms": summary(self.ttft_ms, ("p50", "p99")),
         }
-
-
-class Response:
-    """One HTTP/1.1 response, parsed incrementally: head, then chunked / sized / close body.
-
-    `on_body(data, now)` gets de-chunked body bytes; `done` resolves at the body's end."""
-
-    def __init__(self, on_body: Callable[[bytes, float], None]) -> None:
-        self.on_body = on_body
-        self.status = 0
-        self.headers: dict[str, str] = {}
-        self.head = asyncio.get_running_loop().create_future()  # resolves with the status
-        self.done = asyncio.get_running_loop().create_future()
-        self._raw = b""
-        self._in_head = True
-        self._chunked = False
-        self._left = -1  # sized body: bytes left; chunked: data left in this chunk
-        self._crlf = False  # chunked: the CRLF after a chunk's data is due
-
-    def feed(self, data: bytes, now: float) -> bytes:
-        """Consume bytes; return any that belong to the next response (keep-alive)."""
-        if self._in_head:
-            raw = self._raw + data
-            end = raw.find(b"\r\n\r\n")
-            if end < 0:
-                self._raw = raw
-                return b""
-            lines = raw[:end].decode("latin-1").split("\r\n")
-            self.status = int(lines[0].split(" ", 2)[1])
-            for line in lines[1:]:
-                name, _, value = line.partition(":")
-                self.headers[name.strip().lower()] = value.strip()
-            self._in_head, self._raw = False, b""
-            self._chunked = "chunked" in self.headers.get("transfer-encoding", "")
-            if not self._chunked and "content-length" in self.headers:
-                self._left = int(self.headers["content-length"])
-            if not self.head.done():
-                self.head.set_result(self.status)
-            data = raw[end + 4 :]
-            if not self._chunked and self._left == 0:
-                self._finish()
-                return data
-        if self._chunked:
-            return self._feed_chunked(data, now)
-        if self._left < 0:  # until close
-            if data:
-                self.on_body(data, now)
-            return b""
-        body, rest = data[: self._left], data[self._left :]
-        self._left -= len(body)
-        if body:
-            self.on_body(body, now)
-        if self._left == 0:
-            self._finish()
-        return rest
-
-    def _feed_chunked(self, data: bytes, now: float) -> bytes:
-        raw, pos, out = self._raw + data if self._raw else data, 0, []
-        while not self.done.done():
-            if self._left > 0:
-                piece = raw[pos : pos + self._left]
-                if not piece:
-                    break
-                out.append(piece)
-                pos += len(piece)
-                self._left -= len(piece)
-                if self._left:
-                    break
-                self._crlf = True
-            if self._crlf:
-                if len(raw) - pos < 2:
-                    break
-                pos, self._crlf = pos + 2, False
-            eol = raw.find(b"\r\n", pos)
-            if eol < 0:
-                break
-            size = int(raw[pos:eol].split(b";", 1)[0], 16)
-            if size == 0:  # the last chunk; no trailers expected
-                if len(raw) - eol < 4:
-                    break
-                pos = eol + 4
-                self._finish_with(out, now)
-                return raw[pos:]
-            pos, self._left = eol + 2, size
-        self._raw = raw[pos:]
-        if out:
-            self.on_body(out[0] if len(out) == 1 else b"".join(out), now)
-        return b""
-
-    def _finish_with(self, out: list[bytes], now: float) -> None:
-        self._raw = b""
-        if out:
-            self.on_body(b"".join(out), now)
-        self._finish()
-
-    def _finish(self) -> None:
-        if not self.done.done():
-            self.done.set_result(None)
-
-    def fail(self, exc: BaseException) -> None:
-        for future in (self.head, self.done):
-            if not future.done():
-                future.set_exception(exc)
-                future.exception()  # mark retrieved: a reader that stops early is fine
-
-
-class Connection(asyncio.Protocol):
-    """A keep-alive HTTP/1.1 client connection with one response in flight at a time."""
-
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.response: Response | None = None
-        self.closed = False
-
-    @classmethod
-    async def open(cls, host: str, port: int) -> Connection:
-        loop = asyncio.get_running_loop()
-        _, conn = await loop.create_connection(cls, host, port)
-        return conn
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        now = time.time()
-        while data and self.response is not None:
-            response = self.response
-            data = response.feed(data, now)
-            if response.done.done():
-                self.response = None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        if self.response is not None:
-            if (
-                not self.response._chunked
-                and self.response._left < 0
-                and not self.response._in_head
-            ):
-                self.response._finish()  # a body delimited by the close
-            self.response.fail(exc or HttpError("connection closed mid-response"))
-
-    def request(
-        self, method: str, path: str, headers: dict[str, str], body: bytes, response: Response
-    ) -> None:
-        assert self.transport is not None and self.response is None
-        self.response = response
-        lines = [
-            f"{method} {path} HTTP/1.1",
-            "Host: 127.0.0.1",
-            *(f"{k}: {v}" for k, v in headers.items()),
-            f"Content-Length: {len(body)}",
-            "",
-            "",
-        ]
-        self.transport.write("\r\n".join(lines).encode("latin-1") + body)
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
 
 
 class SseCounter:
@@ -387,7 +223,8 @@ async def _post_session(
         _chat_body(job.get("model", "bench"), tokens),
         response,
     )
-    if await response.head != 200 or "x-relay-session" not in response.headers:
+    status = await response.head
+    if status != 200 or ("x-relay-session" not in response.headers and job.get("session", True)):
         raise HttpError(f"no session: HTTP {response.status} {response.headers}")
     return conn, response, counter
 
@@ -468,9 +305,9 @@ async def resume(job: Job) -> Job:
             conn = await Connection.open(job["host"], job["port"])
             response = Response(seen)
             headers = _demo_headers(rate, 0, {"Last-Event-ID": f"{session}:{k}"})
-            conn.request(
-                "POST", "/v1/chat/completions", headers, _chat_body("bench", tokens), response
-            )
+            # The very request that made the session: a resume must repeat it (else 409).
+            body = _chat_body(job.get("model", "bench"), tokens)
+            conn.request("POST", "/v1/chat/completions", headers, body, response)
             try:
                 now = await asyncio.wait_for(got, 10)
                 times.append((now - started) * 1000)
@@ -496,7 +333,8 @@ async def resume(job: Job) -> Job:
 
 async def hold(job: Job) -> Job:
     """Open `sessions` streams whose first event is far away, report when all are open, wait
-    for a line on stdin, close them. For the relay's memory per open session."""
+    for a line on stdin, close them. For the relay's memory per open session (`"session":
+    false`: a path without relay sessions, such as the no-op processor's)."""
     tally = Tally()
     sem = asyncio.Semaphore(50)
 

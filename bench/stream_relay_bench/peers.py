@@ -147,14 +147,16 @@ def start_envoy_plain(stack: Stack, llm_port: int) -> int:
     return _start_envoy(stack, Template(text).substitute(LISTEN_PORT=0, LLM_PORT=llm_port))
 
 
-def start_envoy_noop(stack: Stack, llm_port: int) -> int:
+def start_envoy_noop(stack: Stack, llm_port: int, *, noop_args: tuple[str, ...] = ()) -> int:
     """The relay's own Envoy config (inline write path) whose ext_proc is the do-nothing
-    server in noop_extproc.py; returns Envoy's port."""
+    server in noop_extproc.py; returns Envoy's port. The no-op's message counts are at
+    `stack.metrics_url` (JSON)."""
     ports = stack.workdir / "noop.ports"
     argv = [sys.executable, "-m", "stream_relay_bench.noop_extproc", "--ports-file", str(ports)]
-    child = stack.spawn("noop", argv)
+    child = stack.spawn("noop", [*argv, *noop_args])
     wait_until("its ports file", child, lambda: read_ports(ports) is not None)
-    grpc_port = (read_ports(ports) or {})["grpc_port"]
+    grpc_port, http_port = ((read_ports(ports) or {})[k] for k in ("grpc_port", "http_port"))
+    stack.metrics_url = f"http://127.0.0.1:{http_port}/stats"
     config = render(
         EnvoyPorts(
             listen_port=0,

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from extproc.ops.supervisor import Stack, StackOptions, start_stack
@@ -56,14 +57,27 @@ NEEDS = {
 }
 
 
+# What a scenario's traffic must have gone through, proved after every measurement (proof.py).
+PLAIN = "plain"  # no ext_proc: events arrive untagged
+NOOP = "noop"  # Envoy's ext_proc filter and the do-nothing processor answered every chunk
+INLINE = "inline"  # the relay node's processor tagged every event in flight
+DETACHED = "detached"  # the relay node called the upstream and served the tagged log
+
+
 @dataclass
 class Target:
     port: int
     pids: dict[str, tuple[int, ...]] = field(default_factory=dict)  # role -> its tree roots
-    metrics_url: str = ""  # the (first) relay node's /metrics, for relay scenarios
-    tagged: bool = False  # events must carry `id:` lines
+    metrics_url: str = ""  # the (first) relay node's /metrics; the no-op's /stats (JSON)
+    path: str = PLAIN  # what the traffic must have gone through
     metrics_urls: tuple[str, ...] = ()  # every relay node's /metrics
     redis_url: str = ""  # the scenario's own redis-server, if any
+    admin_url: str = ""  # Envoy's admin (ext_proc counters), when there is an Envoy
+
+    @property
+    def tagged(self) -> bool:
+        """Events must carry `id:` lines."""
+        return self.path in (INLINE, DETACHED)
 
 
 def _pids(stack: Stack, *names: str) -> tuple[int, ...]:
@@ -75,8 +89,16 @@ def _relay_names(nodes: int) -> tuple[str, ...]:
 
 
 @contextmanager
-def running(name: str, upstream_port: int, upstream_pid: int, workdir: Path) -> Iterator[Target]:
-    """Start scenario `name` in front of the upstream; stop it on exit."""
+def running(
+    name: str,
+    upstream_port: int,
+    upstream_pid: int,
+    workdir: Path,
+    *,
+    noop_args: tuple[str, ...] = (),
+) -> Iterator[Target]:
+    """Start scenario `name` in front of the upstream; stop it on exit. `noop_args` go to the
+    no-op processor of `extproc_noop` (the bench's tests start a broken one)."""
     workdir.mkdir(parents=True, exist_ok=True)
     roles: dict[str, tuple[int, ...]] = {"upstream": (upstream_pid,)}
     if name == "direct":
@@ -108,8 +130,15 @@ def running(name: str, upstream_port: int, upstream_pid: int, workdir: Path) -> 
                 }
                 if redis_url:
                     pids["redis"] = _pids(redis, "redis")
-                metrics = tuple(f"{url}/metrics" for url in stack.relay_http_urls)
-                yield Target(port, pids, stack.metrics_url, True, metrics, redis_url)
+                yield Target(
+                    port,
+                    pids,
+                    stack.metrics_url,
+                    DETACHED if name == "relay_detached" else INLINE,
+                    tuple(f"{url}/metrics" for url in stack.relay_http_urls),
+                    redis_url,
+                    stack.admin_url,
+                )
             finally:
                 peers.stop(stack)
         finally:
@@ -117,7 +146,7 @@ def running(name: str, upstream_port: int, upstream_pid: int, workdir: Path) -> 
         return
     starters: dict[str, Callable[[Stack, int], int]] = {
         "envoy": peers.start_envoy_plain,
-        "extproc_noop": peers.start_envoy_noop,
+        "extproc_noop": partial(peers.start_envoy_noop, noop_args=noop_args),
         "nginx": peers.start_nginx,
         "pushpin": peers.start_pushpin,
     }
@@ -128,6 +157,7 @@ def running(name: str, upstream_port: int, upstream_pid: int, workdir: Path) -> 
         for child in stack.children:  # pushpin + zurl: both count as the peer
             role = {"envoy": "envoy", "noop": "relay"}.get(child.name, "peer")
             pids[role] = (*pids.get(role, ()), child.process.pid)
-        yield Target(port, pids)
+        path = NOOP if name == "extproc_noop" else PLAIN
+        yield Target(port, pids, stack.metrics_url, path, admin_url=stack.admin_url)
     finally:
         peers.stop(stack)

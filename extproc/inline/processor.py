@@ -8,11 +8,14 @@ the log and returns the chunk re-written with `id:` lines. Everything else passe
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from typing import TypeAlias
 
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.service.ext_proc.v3.external_processor_pb2 import (
+    BodyMutation,
     BodyResponse,
     CommonResponse,
     HeaderMutation,
@@ -96,16 +99,42 @@ def _set_header(name: str, value: str) -> HeaderValueOption:
     )
 
 
-def _body(data: bytes) -> ProcessingResponse:
-    # Hot path (one per chunk): setting the nested field in place costs ~0.6 µs; building
-    # BodyMutation, CommonResponse, BodyResponse as objects and copying them in costs ~2.5 µs.
-    response = ProcessingResponse()
-    mutation = response.response_body.response.body_mutation
-    if data:
-        mutation.body = data
-    else:
-        mutation.clear_body = True
-    return response
+# A reply as the servicer hands it to grpc: a message, or (the body replies, one per chunk)
+# its wire bytes already; service.py's serializer passes bytes through.
+Reply: TypeAlias = ProcessingResponse | bytes
+_CLEAR_BODY = ProcessingResponse(
+    response_body=BodyResponse(response=CommonResponse(body_mutation=BodyMutation(clear_body=True)))
+).SerializeToString()
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+@functools.lru_cache(maxsize=2048)
+def _body_prefix(size: int) -> bytes:
+    """Wire bytes before a replacement body of `size` bytes: ProcessingResponse.response_body (4)
+    > BodyResponse.response (1) > CommonResponse.body_mutation (3) > BodyMutation.body (1),
+    each a length-delimited field whose length covers what it holds."""
+    mutation = 1 + len(_varint(size)) + size
+    common = 1 + len(_varint(mutation)) + mutation
+    response = 1 + len(_varint(common)) + common
+    return (
+        b"\x22" + _varint(response) + b"\x0a" + _varint(common)
+        + b"\x1a" + _varint(mutation) + b"\x0a" + _varint(size)
+    )  # fmt: skip
+
+
+def _body(data: bytes) -> bytes:
+    # Hot path (one per chunk): the reply's wire bytes are a cached prefix and the body, ~10x
+    # cheaper than setting the nested field in place (each nested access makes a Python
+    # object) and serializing. tests/test_processor.py decodes every reply with the real class.
+    return _body_prefix(len(data)) + data if data else _CLEAR_BODY
 
 
 def cut_stream() -> ProcessingResponse:
@@ -184,9 +213,11 @@ class StreamProcessor:
     def session(self) -> SessionLog | None:
         return self._writer.log if self._writer is not None else None
 
-    def handle(self, request: ProcessingRequest) -> ProcessingResponse | None:
-        """Answer one message; None for messages that need no answer."""
-        kind = request.WhichOneof("request")
+    def handle(self, request: ProcessingRequest, kind: str | None = None) -> Reply | None:
+        """Answer one message; None for messages that need no answer. `kind` is the request's
+        oneof name (`WhichOneof("request")`), if the caller has it already."""
+        if kind is None:
+            kind = request.WhichOneof("request")
         if kind == "response_body":
             return self.on_response_body(request.response_body)
         if kind == "request_headers":
@@ -272,7 +303,7 @@ class StreamProcessor:
             mode_override=STREAM_BODY_MODE,
         )
 
-    def on_response_body(self, body: HttpBody) -> ProcessingResponse:
+    def on_response_body(self, body: HttpBody) -> Reply:
         writer = self._writer
         if writer is None:
             return _PASS_BODY

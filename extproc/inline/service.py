@@ -16,7 +16,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_gr
 from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest, ProcessingResponse
 
 from extproc.access.quota import SessionQuota
-from extproc.inline.processor import WRITE_PATH_METADATA, StreamProcessor, cut_stream
+from extproc.inline.processor import WRITE_PATH_METADATA, Reply, StreamProcessor, cut_stream
 from extproc.node.metrics import RelayMetrics
 from extproc.session.log import EndState
 from extproc.store.base import SessionStore
@@ -25,6 +25,7 @@ from extproc.vocabulary import WritePath
 # Below Envoy's ext_proc message_timeout (2 s in envoy/envoy.yaml), past which Envoy would
 # fail open and end the response itself.
 SETTLE_TIMEOUT_S = 1.0
+SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 
 
 class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):  # type: ignore[misc]
@@ -49,7 +50,7 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):  # type: ignor
         self,
         request_iterator: AsyncIterator[ProcessingRequest],
         context: grpc.aio.ServicerContext[ProcessingRequest, ProcessingResponse],
-    ) -> AsyncIterator[ProcessingResponse]:
+    ) -> AsyncIterator[Reply]:
         # Envoy's per-route ext_proc override names a generation route's write path; where
         # it names none (or an unknown one), the node's default applies to generation POSTs.
         route = dict(context.invocation_metadata() or ()).get(WRITE_PATH_METADATA)
@@ -64,11 +65,16 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):  # type: ignor
         )
         timings = metrics.processor_message
         self.streams += 1
+        clock = time.perf_counter
         try:
             async for request in request_iterator:
-                started = time.perf_counter()
-                response = processor.handle(request)
-                timings[request.WhichOneof("request")].observe(time.perf_counter() - started)
+                started = clock()
+                kind = request.WhichOneof("request")
+                if kind == "response_body":  # nearly every message: no dispatch call
+                    response = processor.on_response_body(request.response_body)
+                else:
+                    response = processor.handle(request, kind)
+                timings[kind].observe(clock() - started)
                 if response is not None:
                     if processor.settling:
                         response = await _settled(processor, response)
@@ -83,7 +89,7 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):  # type: ignor
             processor.finish(EndState.CANCELLED, self.stop_reason or "client disconnected")
 
 
-async def _settled(processor: StreamProcessor, response: ProcessingResponse) -> ProcessingResponse:
+async def _settled(processor: StreamProcessor, response: Reply) -> Reply:
     """The reply that ends a stream tells the client it is complete. A shared store records
     `done` only once it holds it (one round trip); if that does not happen in time, or the
     session failed instead, the client's response is cut rather than passed off as complete."""
@@ -95,5 +101,19 @@ async def _settled(processor: StreamProcessor, response: ProcessingResponse) -> 
     return response if session is not None and session.state is EndState.DONE else cut_stream()
 
 
+def _serialize(reply: Reply) -> bytes:
+    """Body replies arrive as wire bytes already (processor._body); the rest are messages."""
+    return reply if isinstance(reply, bytes) else reply.SerializeToString()
+
+
 def add_to_server(servicer: ExternalProcessor, server: grpc.aio.Server) -> None:
-    ext_proc_grpc.add_ExternalProcessorServicer_to_server(servicer, server)
+    """As the generated add_ExternalProcessorServicer_to_server, with our serializer."""
+    handlers = {
+        "Process": grpc.stream_stream_rpc_method_handler(
+            servicer.Process,
+            request_deserializer=ProcessingRequest.FromString,
+            response_serializer=_serialize,
+        )
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)  # type: ignore[attr-defined]

@@ -10,7 +10,6 @@ Invalid flags or configuration print one line naming the problem and exit with s
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
@@ -333,13 +332,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "up":
             return _up(args)
         if args.command == "serve":
-            from extproc.node.process import serve
+            from extproc.node.process import run as run_node
 
             settings = NodeSettings.from_flags(vars(args))
             if settings.write_path is WritePath.DETACHED and not settings.detach.egress_url:
                 # `up` always gives its nodes one; a node started by hand must name it.
                 raise ConfigError("--write-path detached needs --egress-url (Envoy's egress)")
-            asyncio.run(serve(settings, args.ports_file))
+            run_node(settings, args.ports_file)
             return 0
         if args.command == "bench":
             try:

@@ -24,7 +24,12 @@ class Usage:
 
 
 def may_report_usage(raw: bytes) -> bool:
-    return any(marker in raw for marker in MARKERS)
+    # Once per event: a loop rather than any() over a generator, and find rather than `in`
+    # (bytes `in` first tries its operand as an int, raising and clearing a TypeError).
+    for marker in MARKERS:  # noqa: SIM110
+        if raw.find(marker) >= 0:
+            return True
+    return False
 
 
 def parse_usage(data: bytes) -> Usage | None:

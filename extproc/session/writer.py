@@ -15,6 +15,8 @@ from extproc.session.ids import format_event_id
 from extproc.session.log import EndState, SessionLog
 from extproc.session.usage import Usage, may_report_usage, parse_usage
 
+_OPEN = EndState.OPEN  # per chunk: a global is ~8x cheaper than an Enum member lookup (3.11)
+
 
 class LogSink(Protocol):
     """Where a writer's events and end go: the session store's writer side."""
@@ -72,27 +74,31 @@ class SessionWriter:
 
     def _emit(self, frames: list[Frame]) -> bytes:
         log = self.log
-        if log.state is not EndState.OPEN or log.gone_reason:
+        if log.state is not _OPEN or log.gone_reason:
             return b"".join(frame.raw for frame in frames)
-        kept: list[bytes] = []
-        out: list[bytes] = []
         seq = log.last_seq
+        kept: list[bytes] = []
         for frame in frames:
-            if not (frame.is_event and frame.complete):
-                out.append(frame.raw)  # comments, retry-only blocks, a torn tail: untouched
-                continue
-            seq += 1
-            raw = frame.raw
-            if may_report_usage(raw):
-                usage = parse_usage((sse_data(raw) or b"") if self._tag else raw)
-                if usage is not None:
-                    self._on_usage(usage)
-            if self._tag:
-                raw = tag_sse(raw, format_event_id(log.session_id, seq))
-            kept.append(raw)
-            out.append(raw)
-        if kept and not self._store.append(log, kept):
+            if frame.is_event and frame.complete:  # comments, retry-only blocks, a torn tail:
+                seq += 1  # not events, passed on untouched
+                kept.append(self._event(frame.raw, seq))
+        if not kept:
+            return b"".join(frame.raw for frame in frames)
+        if not self._store.append(log, kept):
             # The log stopped keeping events (its byte limit): ids would not resume, so the
             # client gets the upstream's bytes untagged from here on.
             return b"".join(frame.raw for frame in frames)
-        return b"".join(out)
+        if len(kept) == len(frames):  # all events; usually one, the chunk's own
+            return kept[0] if len(kept) == 1 else b"".join(kept)
+        events = iter(kept)
+        return b"".join(
+            next(events) if frame.is_event and frame.complete else frame.raw for frame in frames
+        )
+
+    def _event(self, raw: bytes, seq: int) -> bytes:
+        """The event as logged and sent: tagged with its id (SSE); its usage report counted."""
+        if may_report_usage(raw):
+            usage = parse_usage((sse_data(raw) or b"") if self._tag else raw)
+            if usage is not None:
+                self._on_usage(usage)
+        return tag_sse(raw, format_event_id(self.log.session_id, seq)) if self._tag else raw

