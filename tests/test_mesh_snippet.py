@@ -79,7 +79,7 @@ def test_every_piece_is_the_templates_own() -> None:
     for route in pieces["routes"]:
         assert route == template_routes[route["name"]]
     assert [r["name"] for r in pieces["routes"]] == [
-        "resume",
+        "relay_resume",
         "detached",
         "relay_readers",
         "relay_grpc",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 import socket
 from dataclasses import dataclass
 from importlib import resources
@@ -266,6 +267,41 @@ def _block(lines: list[str], start: int, indent: int) -> str:
     )
 
 
+def _key_column(line: str) -> int:
+    """The column where the line's key starts (after a `- ` list marker)."""
+    return _indent_of(line.replace("- ", "  ", 1) if line.lstrip().startswith("- ") else line)
+
+
+def _anchored(lines: list[str], anchor: str) -> tuple[int, list[str]]:
+    """The column of the key that carries `&anchor` and the lines of its value."""
+    for index, line in enumerate(lines):
+        if line.rstrip().endswith(f": &{anchor}"):
+            key = _key_column(line)
+            end = index + 1
+            while end < len(lines) and (not lines[end].strip() or _indent_of(lines[end]) > key):
+                end += 1
+            return key, [re.sub(r" &[\w-]+$", "", ln) for ln in lines[index + 1 : end]]
+    raise ValueError(f"envoy template: no anchor &{anchor}")
+
+
+def _expand_aliases(block: str, lines: list[str]) -> str:
+    """`block` with each `key: *anchor` replaced by the anchored value from the template: a
+    piece cut from the template cannot lean on an anchor defined outside it."""
+    out: list[str] = []
+    for line in block.split("\n"):
+        alias = re.search(r": \*([\w-]+)$", line)
+        if alias is None:
+            out.append(line)
+            continue
+        column, value = _anchored(lines, alias.group(1))
+        own = _key_column(line)
+        # The anchor's name says what the value is for, in place of the comment left behind.
+        out.append(f"{line[: alias.start() + 1]}  # {alias.group(1).replace('_', ' ')}")
+        shift = own - column
+        out.extend(" " * shift + ln if shift >= 0 else ln[-shift:] for ln in value)
+    return "\n".join(out)
+
+
 def _strip_early(internal_only: str) -> str:
     """The template's `internal_only_headers` list as early header removal. Envoy strips
     internal-only headers only from requests it deems external; an Envoy with
@@ -341,5 +377,5 @@ def snippet(
         ),
     }
     return _SNIPPET_HEAD + "".join(
-        f"\n{_WHERE[key]}\n{key}:\n{body}\n" for key, body in parts.items()
+        f"\n{_WHERE[key]}\n{key}:\n{_expand_aliases(body, lines)}\n" for key, body in parts.items()
     )
