@@ -69,6 +69,13 @@ class StoreOp(StrEnum):
     SHARE = "share"
 
 
+class FenceReason(StrEnum):
+    """Why a node stopped writing a session it had copied to the shared store."""
+
+    LEASE_LAPSED = "lease_lapsed"  # this node stalled or lost Redis past its lease
+    ENDED_ELSEWHERE = "ended_elsewhere"  # another node ended it (found this node's lease gone)
+
+
 class DropReason(StrEnum):
     """Why a store let go of a session's log."""
 

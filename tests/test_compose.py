@@ -16,6 +16,7 @@ import pytest
 import yaml
 from test_observability import SCRAPE_JOBS
 
+from extproc.node.config import DEFAULT_DRAIN_TIMEOUT_S
 from extproc.ops.supervisor import envoy_binary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -217,3 +218,12 @@ def test_grafana_is_provisioned_with_the_dashboard_and_prometheus(
     assert [p["options"]["path"] for p in providers] == [str(Path(dashboard_target).parent)]
     home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
     assert home == dashboard_target
+
+
+def test_the_relay_may_drain_before_docker_kills_it(services: dict[str, dict[str, Any]]) -> None:
+    """Docker's default is SIGKILL 10 s after SIGTERM: half the relay's default drain."""
+    relay = services["relay"]
+    drain = float(flags(relay["command"]).get("drain-timeout", DEFAULT_DRAIN_TIMEOUT_S))
+    grace = re.fullmatch(r"(\d+)s", str(relay.get("stop_grace_period", "10s")))
+    assert grace is not None, relay.get("stop_grace_period")
+    assert int(grace.group(1)) >= drain + 15  # the gRPC stop and last Redis copy after it

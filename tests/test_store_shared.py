@@ -213,6 +213,13 @@ async def test_sessions_without_an_owner_are_open_to_every_caller(pair: Pair) ->
 # What only a shared store has.
 
 
+def fenced(metrics: RelayMetrics) -> dict[str, float | None]:
+    return {
+        reason: metrics.registry.get_sample_value("relay_writer_fenced_total", {"reason": reason})
+        for reason in ("ended_elsewhere", "lease_lapsed")
+    }
+
+
 def store_up(metrics: RelayMetrics) -> float | None:
     return metrics.registry.get_sample_value("relay_store_up")
 
@@ -439,7 +446,10 @@ async def test_a_writer_fenced_in_redis_cuts_its_session_and_serves_redis_versio
     redis_server: RedisServer,
 ) -> None:
     cancelled: list[str] = []
-    a, b = await two_nodes(redis_server, a_cancels=lambda sid: bool(cancelled.append(sid)))
+    metrics = RelayMetrics()
+    a, b = await two_nodes(
+        redis_server, a_cancels=lambda sid: bool(cancelled.append(sid)), a_metrics=metrics
+    )
     try:
         session = a.create(content_type=SSE, write_path=WritePath.DETACHED)
         a.append(session, events(4))
@@ -452,6 +462,7 @@ async def test_a_writer_fenced_in_redis_cuts_its_session_and_serves_redis_versio
         assert (session.state, session.reason) == (EndState.FAILED, reason)
         assert not a.append(session, events(1, start=6))
         assert cancelled == [session.session_id]  # a generation running here stops
+        assert fenced(metrics) == {"ended_elsewhere": 1, "lease_lapsed": 0}
         assert await reading == events(5)  # cut after what it had: never `done`
         for node in (a, b):  # every node serves Redis's version, the writer included
             log = await node.lookup(session.session_id)
@@ -466,7 +477,8 @@ async def test_a_writer_stalled_past_its_lease_shows_nothing_more(
     redis_server: RedisServer,
 ) -> None:
     lease = 0.5
-    a, b = await two_nodes(redis_server, node_lease=lease)
+    metrics = RelayMetrics()
+    a, b = await two_nodes(redis_server, node_lease=lease, a_metrics=metrics)
     try:
         session = a.create(content_type=SSE, write_path=WritePath.INLINE)
         a.append(session, events(3))
@@ -475,6 +487,7 @@ async def test_a_writer_stalled_past_its_lease_shows_nothing_more(
         assert a.fenced(session)  # checked before the next event is shown: it is not
         assert not a.append(session, events(1, start=4))
         assert session.state is EndState.FAILED and "lost its lease" in session.reason
+        assert fenced(metrics) == {"ended_elsewhere": 0, "lease_lapsed": 1}
 
         async def agreed() -> bool:
             views = [await node.lookup(session.session_id) for node in (a, b)]

@@ -31,6 +31,7 @@ from extproc.vocabulary import (
     ENDED,
     DropReason,
     EndState,
+    FenceReason,
     ReaderProtocol,
     ResumeOutcome,
     StoreOp,
@@ -109,6 +110,7 @@ class RelayMetrics:
         self._tokens: dict[tuple[str, str], int] = {}
         self._models: set[str] = set()
         self._producers_lost = 0
+        self._fenced = dict.fromkeys(FenceReason, 0)
         self._grace_cancellations = 0
         self.replay_depth = Histogram(COUNT_BUCKETS)
         self.reader_lag = Histogram(COUNT_BUCKETS)
@@ -179,6 +181,9 @@ class RelayMetrics:
 
     def producer_lost(self) -> None:
         self._producers_lost += 1
+
+    def writer_fenced(self, reason: FenceReason) -> None:
+        self._fenced[reason] += 1
 
     def grace_cancelled(self) -> None:
         self._grace_cancellations += 1
@@ -314,6 +319,13 @@ class RelayMetrics:
             "Sessions ended failed because the node writing them stopped renewing its lease",
             None,
             {"": self._producers_lost},
+        )
+        yield _counter(
+            "relay_writer_fenced",
+            "Sessions this node stopped writing because Redis holds them under another owner: "
+            "its lease lapsed, or another node ended them; their clients here were cut",
+            "reason",
+            self._fenced,
         )
         yield _counter(
             "relay_generation_grace_cancellations",

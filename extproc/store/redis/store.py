@@ -42,7 +42,7 @@ from extproc.store.redis.presence import Presence
 from extproc.store.redis.replicator import Copy, Replicator
 from extproc.store.redis.schema import Keys, RedisSettings, share_record, share_value
 from extproc.store.redis.scripts import ADD_SHARE
-from extproc.vocabulary import StoreOp
+from extproc.vocabulary import FenceReason, StoreOp
 
 log = logging.getLogger("stream_relay.store")
 
@@ -68,6 +68,7 @@ class RedisStore:
         self._local = MemoryStore(limits, metrics=metrics)
         self.limits = self._local.limits
         self.node_id = secrets.token_urlsafe(8)
+        self._metrics = metrics
         self._calls = RedisCalls(settings, metrics)
         self._closing = asyncio.Event()
         self._lease = Lease(settings.node_lease)
@@ -124,7 +125,11 @@ class RedisStore:
             return False
         self._presence.beat_now()
         log.warning("session %s: this node's lease lapsed; cutting it here", session.session_id)
-        self._lose(copy, f"relay node {self.node_id} lost its lease (paused or cut off from Redis)")
+        self._lose(
+            copy,
+            f"relay node {self.node_id} lost its lease (paused or cut off from Redis)",
+            FenceReason.LEASE_LAPSED,
+        )
         self._replicator.changed(session, urgent=True)  # Redis gets the end once the lease is back
         return True
 
@@ -137,9 +142,9 @@ class RedisStore:
         log.warning(
             "session %s: another node ended it (%s); cutting it here", copy.log.session_id, reason
         )
-        self._lose(copy, reason)
+        self._lose(copy, reason, FenceReason.ENDED_ELSEWHERE)
 
-    def _lose(self, copy: Copy, reason: str) -> None:
+    def _lose(self, copy: Copy, reason: str, why: FenceReason) -> None:
         """This node no longer writes the session: its copy ends `failed` (readers here are cut,
         never told `done`), a generation here stops, and lookups here go to Redis."""
         session_id = copy.log.session_id
@@ -148,6 +153,7 @@ class RedisStore:
             self._lost.popitem(last=False)
         copy.held_end = None
         self._local.end(copy.log, EndState.FAILED, reason)
+        self._metrics.writer_fenced(why)
         self._on_cancel(session_id)
 
     # The reader side.
