@@ -178,6 +178,23 @@ def test_resume_replays_exactly_the_rest_without_the_llm(mesh: Mesh, platform: s
 
 
 @pytest.mark.parametrize("platform", DETACHED)
+def test_a_resume_reaches_the_relay_with_its_query_string(mesh: Mesh, platform: str) -> None:
+    """The resume rewrite keeps the query: with one added, the relay sees another request than
+    the one that created the session and refuses it. (Not on envoy-gateway-inline: Envoy
+    Gateway sends the processor no request body, so an inline session there has no request
+    key to compare, see deploy/envoy-gateway/README.md.)"""
+    stack = mesh.stacks[platform]
+    payload = chat(4, f"whose query on {platform}")
+    session = post(stack, payload).headers["x-relay-session"]
+    calls = stack.llm_calls()
+    path = "/v1/chat/completions?stream=1"
+    other = post(stack, payload, path, **{"Last-Event-ID": f"{session}:0"})
+    assert other.status_code == 409, other.text
+    assert f"path {path}, but the session was created on" in other.json()["error"]["message"]
+    assert stack.llm_calls() == calls
+
+
+@pytest.mark.parametrize("platform", DETACHED)
 def test_a_resume_is_replayed_while_the_processor_is_down(mesh: Mesh, platform: str) -> None:
     """Through an Envoy of the same platform config whose ext_proc service refuses connections
     (the relay's HTTP front and the LLM up): a resume gets the rest from the relay's log with
