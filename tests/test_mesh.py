@@ -8,7 +8,8 @@ write-path = "detached" from relay.toml decides), `envoy-gateway-inline` (the sa
 `--write-path inline`, for a cluster without the egress Gateway: the ext_proc stream then lives
 as long as the answer, through Envoy Gateway's fixed 10 s gRPC timeout), `istio` and `plain`.
 The streams longer than 60 s run concurrently in the background from the start, so the suite
-pays ~65 s once."""
+pays ~65 s once. Each detached platform also runs a second Envoy of its config whose ext_proc
+service refuses connections: resumes are Envoy's decision and must hold there."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from mesh.clients import (
     session_info,
     stream,
 )
-from mesh.harness import MeshStack, Ports, start
+from mesh.harness import MeshStack, Ports, start, start_without_processor
 from test_e2e import ID_LINE, events_of
 
 DETACHED = ("envoy-gateway", "istio", "plain")
@@ -106,6 +107,8 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
                 relay_flags=flags,
                 egress_url=egress,
             )
+        for name in DETACHED:  # envoy-gateway-inline has the same Envoy config
+            start_without_processor(stacks[name], SPECS[name][0])
         long = {name: pool.submit(_long_stream, stack) for name, stack in stacks.items()}
         for stack in stacks.values():  # counted before any test counts LLM calls
             deadline = time.monotonic() + TIMEOUT_S
@@ -175,6 +178,51 @@ def test_resume_replays_exactly_the_rest_without_the_llm(mesh: Mesh, platform: s
 
 
 @pytest.mark.parametrize("platform", DETACHED)
+def test_a_resume_reaches_the_relay_with_its_query_string(mesh: Mesh, platform: str) -> None:
+    """The resume rewrite keeps the query: with one added, the relay sees another request than
+    the one that created the session and refuses it. (Not on envoy-gateway-inline: Envoy
+    Gateway sends the processor no request body, so an inline session there has no request
+    key to compare, see deploy/envoy-gateway/README.md.)"""
+    stack = mesh.stacks[platform]
+    payload = chat(4, f"whose query on {platform}")
+    session = post(stack, payload).headers["x-relay-session"]
+    calls = stack.llm_calls()
+    path = "/v1/chat/completions?stream=1"
+    other = post(stack, payload, path, **{"Last-Event-ID": f"{session}:0"})
+    assert other.status_code == 409, other.text
+    assert f"path {path}, but the session was created on" in other.json()["error"]["message"]
+    assert stack.llm_calls() == calls
+
+
+@pytest.mark.parametrize("platform", DETACHED)
+def test_a_resume_is_replayed_while_the_processor_is_down(mesh: Mesh, platform: str) -> None:
+    """Through an Envoy of the same platform config whose ext_proc service refuses connections
+    (the relay's HTTP front and the LLM up): a resume gets the rest from the relay's log with
+    no LLM call, because Envoy's route table decides it; a new generation there fails open."""
+    stack = mesh.stacks[platform]
+    payload = chat(10, f"resume without the processor on {platform}")
+    full = post(stack, payload)
+    session = full.headers["x-relay-session"]
+    events = events_of(full.content)
+    calls = stack.llm_calls()
+    url = f"{stack.no_processor_url}/v1/chat/completions"
+    resumed = httpx.post(
+        url,
+        json=payload,
+        headers=headers(stack, **{"Last-Event-ID": f"{session}:4"}),
+        timeout=TIMEOUT_S,
+    )
+    assert resumed.status_code == 200, resumed.text
+    assert b"".join(events[:4]) + resumed.content == full.content
+    assert stack.llm_calls() == calls
+    # The processor really is down for this Envoy: a generation reaches the LLM untagged.
+    fresh = httpx.post(url, json=payload, headers=headers(stack), timeout=TIMEOUT_S)
+    assert fresh.status_code == 200, fresh.text
+    assert "x-relay-session" not in fresh.headers and not ID_LINE.findall(fresh.content)
+    assert stack.llm_calls() == calls + 1
+
+
+@pytest.mark.parametrize("platform", DETACHED)
 def test_detached_generation_survives_its_client(mesh: Mesh, platform: str) -> None:
     stack = mesh.stacks[platform]
     payload = chat(30, f"keep going without me on {platform}")
@@ -225,15 +273,14 @@ async def test_multicast_on_every_reader_protocol(mesh: Mesh, platform: str) -> 
 def test_a_client_cannot_route_itself_to_the_relay(mesh: Mesh, platform: str) -> None:
     stack = mesh.stacks[platform]
     models = httpx.get(f"{stack.upstream_url}/v1/models", timeout=TIMEOUT_S).content
-    for target in ("resume", "detached"):
-        for extra in ({}, {"x-forwarded-for": "10.0.0.1"}):
-            response = httpx.get(
-                f"{stack.base_url}/v1/models",
-                headers=headers(stack, **{"x-relay-target": target}, **extra),
-                timeout=TIMEOUT_S,
-            )
-            assert response.status_code == 200, response.text
-            assert response.content == models  # the LLM answered, not the relay
+    for extra in ({}, {"x-forwarded-for": "10.0.0.1"}):  # "detached": the only value routed
+        response = httpx.get(
+            f"{stack.base_url}/v1/models",
+            headers=headers(stack, **{"x-relay-target": "detached"}, **extra),
+            timeout=TIMEOUT_S,
+        )
+        assert response.status_code == 200, response.text
+        assert response.content == models  # the LLM answered, not the relay
 
 
 def test_the_front_proxys_other_routes_never_reach_the_relay(mesh: Mesh) -> None:

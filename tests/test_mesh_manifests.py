@@ -23,12 +23,15 @@ import kubernetes_validate
 import pytest
 import yaml
 from conftest import npm_ci_unless_installed
-from mesh import eg_schema
+from mesh import eg_schema, envoy_gateway, istio, plain
+from mesh.harness import Builder, Ports
 from mesh.manifests import DEPLOY, Doc, documents, one
 
 from extproc.node.config import NodeSettings
 from extproc.ops.cli import build_parser
+from extproc.ops.envoy_render import EnvoyPorts, Upstream, render
 from extproc.ops.flags import config_argv
+from extproc.session.ids import EVENT_ID_PATTERN
 from extproc.vocabulary import GENERATION_PATHS
 
 VALIDATE_DIR = Path(__file__).parent / "mesh" / "validate"
@@ -270,6 +273,14 @@ def test_envoy_gateway_kinds_match_schemas_derived_from_its_source(
     assert eg_schema.errors(policy) == ["extProc: FullDuplexStreamed requires failOpen: false"]
     policy["spec"]["extProc"][0]["messageTimout"] = "2s"
     assert any("messageTimout" in e for e in eg_schema.errors(policy))
+    rewrite = copy.deepcopy(next(d for d in docs if d["kind"] == "HTTPRouteFilter"))
+    path = rewrite["spec"]["urlRewrite"]["path"]
+    path["type"] = "ReplacePrefixMatch"  # Gateway API's type, not Envoy Gateway's
+    del path["replaceRegexMatch"]
+    assert sorted(eg_schema.errors(rewrite)) == [
+        "spec/urlRewrite/path/type: 'ReplacePrefixMatch' is not one of ['ReplaceRegexMatch']",
+        "spec/urlRewrite/path: 'replaceRegexMatch' is a required property",
+    ]
 
 
 # --- what ties the manifests to the relay ------------------------------------------------------
@@ -332,3 +343,64 @@ def test_istio_generation_route_matches_the_relays_generation_paths() -> None:
     service = one(documents("istio/gateway-routes.yaml"), "VirtualService", "llm")
     route = next(r for r in service["spec"]["http"] if r["name"] == "llm-generations")
     assert route["match"][0]["uri"]["regex"] == GENERATION_PATHS
+
+
+PLATFORMS: dict[str, Builder] = {
+    "envoy-gateway": envoy_gateway.build,
+    "istio": istio.build,
+    "plain": plain.build,
+}
+
+
+def _template_resume_route() -> Doc:
+    ports = EnvoyPorts(listen_port=1, admin_port=2, relay_grpc_port=3, relay_http_port=4)
+    config = yaml.safe_load(render(ports, Upstream.from_url("http://h:5")))
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    routes = hcm["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
+    route: Doc = next(r for r in routes if r["name"] == "relay_resume")
+    return route
+
+
+def _public_routes(config: Doc) -> list[tuple[Doc, int]]:
+    """The public virtual host's routes, each with the port its cluster points at."""
+    ports = {
+        c["name"]: c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"][
+            "socket_address"
+        ]["port_value"]
+        for c in config["static_resources"]["clusters"]
+    }
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    routes = hcm["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
+    return [(r, ports[r["route"]["cluster"]]) for r in routes if "cluster" in r.get("route", {})]
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_each_platform_decides_resumes_in_envoy_as_the_template_does(platform: str) -> None:
+    """The Envoy config each platform would run (built from deploy/) has our template's
+    relay_resume: the relay's own path and Last-Event-ID expressions, the same rewrite (the
+    query string kept), to the relay's HTTP front, before every route to the LLM, and with
+    ext_proc off, so a resume holds while the processor is down and never reaches the LLM.
+    (tests/test_mesh.py runs these configs; a real Envoy refuses any regex past RE2's default
+    program size there, as these builders set no runtime override.)"""
+    template = _template_resume_route()
+    assert template["match"]["safe_regex"]["regex"] == GENERATION_PATHS
+    assert template["match"]["headers"][0]["string_match"]["safe_regex"]["regex"] == (
+        EVENT_ID_PATTERN
+    )
+    ports = Ports(relay_grpc=50051, relay_http=8081, llm=8000, egress=10001)
+    routes = _public_routes(PLATFORMS[platform](ports))
+    resumes = [
+        (i, route)
+        for i, (route, port) in enumerate(routes)
+        if port == ports.relay_http and "regex_rewrite" in route["route"]
+    ]
+    assert len(resumes) == 1, [r["name"] for r, _ in routes]
+    index, resume = resumes[0]
+    assert resume["match"] == template["match"]
+    assert resume["route"]["regex_rewrite"] == template["route"]["regex_rewrite"]
+    assert resume["route"]["timeout"] in ("0s", "0.000s")  # no 15 s default deadline
+    assert index < min(i for i, (_, port) in enumerate(routes) if port == ports.llm)
+    per_route = resume.get("typed_per_filter_config", {})
+    assert all(
+        config.get("disabled") is True for name, config in per_route.items() if "ext_proc" in name
+    ), per_route  # any other per-route config would turn the disabled filter on

@@ -6,9 +6,11 @@ Source: envoyproxy/gateway `api/v1alpha1` (ext_proc_types.go, envoyextensionpoli
 clienttrafficpolicy_types.go, connection_types.go, circuitbreaker_types.go,
 healthcheck_types.go, timeout_types.go, envoyproxy_types.go) on main at commit c78106ac (newer
 than v1.5: extProc has `stage`), including the CEL rule "FullDuplexStreamed needs failOpen:
-false". They cover the fields deploy/ uses and their siblings, not every field; unknown fields
-are errors, as a strict apply would make them. Re-derive them when you move to another Envoy
-Gateway version.
+false". HTTPRouteFilter from httproutefilter_types.go at commit 02c5e5bc (the kind is older;
+this copy has `requestMirror` and `matches`), including its CEL rules on the path and hostname
+modifiers. They cover the fields deploy/ uses and their siblings, not every field; unknown
+fields are errors, as a strict apply would make them. Re-derive them when you move to another
+Envoy Gateway version.
 """
 
 from __future__ import annotations
@@ -103,6 +105,30 @@ BACKEND_REF = _obj(
         "weight": {"type": "integer"},
     },
     ("name",),
+)
+
+# HTTPURLRewriteFilter: path types are only ReplaceRegexMatch (Gateway API's own URLRewrite has
+# the prefix and full-path ones); `replaceRegexMatch` is required with it (a CEL rule).
+URL_REWRITE = _obj(
+    {
+        "hostname": _obj(
+            {"type": {"enum": ["Header", "Backend"]}, "header": {"type": "string"}}, ("type",)
+        ),
+        "path": _obj(
+            {
+                "type": {"enum": ["ReplaceRegexMatch"]},
+                "replaceRegexMatch": _obj(
+                    {
+                        "pattern": {"type": "string", "minLength": 1},
+                        "substitution": {"type": "string"},
+                    },
+                    ("pattern", "substitution"),
+                ),
+            },
+            ("type", "replaceRegexMatch"),
+        ),
+        "appendXForwardedHost": {"type": "boolean"},
+    }
 )
 
 
@@ -227,6 +253,22 @@ SCHEMAS: dict[str, Schema] = {
         },
         ("targetRefs",),
     ),
+    "HTTPRouteFilter": _kind(
+        {
+            "urlRewrite": URL_REWRITE,
+            "directResponse": _obj(
+                {
+                    "contentType": {"type": "string"},
+                    "body": {"type": "object"},
+                    "statusCode": {"type": "integer"},
+                    "header": {"type": "object"},
+                }
+            ),
+            "credentialInjection": {"type": "object"},
+            "requestMirror": {"type": "object"},
+            "matches": {"type": "array", "maxItems": 8, "items": {"type": "object"}},
+        }
+    ),
     "EnvoyProxy": _kind(
         {
             "provider": _obj(
@@ -262,6 +304,9 @@ def errors(doc: dict[str, Any]) -> list[str]:
         f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
         for e in jsonschema.Draft7Validator(schema).iter_errors(doc)
     ]
+    hostname = (doc.get("spec", {}).get("urlRewrite") or {}).get("hostname") or {}
+    if ("header" in hostname) != (hostname.get("type") == "Header"):  # HTTPHostnameModifier
+        found.append("urlRewrite/hostname: header is set if and only if type is Header")
     for ext_proc in doc.get("spec", {}).get("extProc", []):  # the CEL rule on ExtProc
         mode = ext_proc.get("processingMode") or {}
         bodies = ((mode.get("request") or {}).get("body"), (mode.get("response") or {}).get("body"))

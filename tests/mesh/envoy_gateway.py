@@ -12,7 +12,10 @@ internal/xds/translator) where it matters to the relay:
 - routes of every HTTPRoute/GRPCRoute on the listener, sorted as sort.go sorts them (Exact >
   RegularExpression > PathPrefix, then longer paths, then more header matches); PathPrefix "/"
   is `prefix: /`, other prefixes `path_separated_prefix` without the trailing slash;
-  ReplacePrefixMatch is `prefix_rewrite` with the trailing slash trimmed; `timeouts.request`
+  ReplacePrefixMatch is `prefix_rewrite` with the trailing slash trimmed; an ExtensionRef to an
+  HTTPRouteFilter (same namespace as the route) with `ReplaceRegexMatch` is `regex_rewrite`
+  (filters.go processExtensionRefHTTPFilter, xds/translator route.go); header matches are
+  `string_match` exact or safe_regex; `timeouts.request`
   (or a BackendTrafficPolicy's requestTimeout) becomes the route timeout, and without either the
   route has none, i.e. Envoy's 15 s default; GRPCRoute service matches are prefix matches;
 - ClientTrafficPolicy: early header removal, listener buffer limit, HTTP/2 windows, stream idle
@@ -150,10 +153,48 @@ def _xds_match(kind: str, value: str, headers: list[Doc]) -> dict[str, Any]:
     else:
         xds = {"path_separated_prefix": value.rstrip("/")}
     if headers:
-        xds["headers"] = [
-            {"name": h["name"], "string_match": {"exact": h["value"]}} for h in headers
-        ]
+        xds["headers"] = [{"name": h["name"], "string_match": _string_match(h)} for h in headers]
     return xds
+
+
+def _string_match(match: Doc) -> dict[str, Any]:
+    """A Gateway API header match as EG's buildXdsStringMatcher writes it (Exact by default)."""
+    kind = match.get("type", "Exact")
+    if kind == "RegularExpression":
+        return {"safe_regex": {"regex": match["value"]}}
+    assert kind == "Exact", f"unmodelled header match type {kind}"
+    return {"exact": match["value"]}
+
+
+def _rewrite(docs: list[Doc], namespace: str, rule: Doc) -> dict[str, Any]:
+    """The route action fields of a rule's filters: URLRewrite ReplacePrefixMatch is a
+    prefix_rewrite with the trailing slash trimmed; an ExtensionRef to an HTTPRouteFilter in
+    the route's namespace with ReplaceRegexMatch is a regex_rewrite. Anything else fails the
+    build rather than being left out silently."""
+    action: dict[str, Any] = {}
+    for f in rule.get("filters", []):
+        if f["type"] == "URLRewrite":
+            replacement = f["urlRewrite"]["path"]["replacePrefixMatch"]
+            action["prefix_rewrite"] = replacement.rstrip("/")
+        elif f["type"] == "ExtensionRef":
+            ref = f["extensionRef"]
+            assert (ref["group"], ref["kind"]) == ("gateway.envoyproxy.io", "HTTPRouteFilter")
+            found = [
+                d
+                for d in of_kind(docs, "HTTPRouteFilter")
+                if (d["metadata"]["namespace"], d["metadata"]["name"]) == (namespace, ref["name"])
+            ]  # EG looks the filter up in the route's own namespace only
+            assert len(found) == 1, f"no HTTPRouteFilter {namespace}/{ref['name']}"
+            path = found[0]["spec"]["urlRewrite"]["path"]
+            assert path["type"] == "ReplaceRegexMatch"
+            regex = path["replaceRegexMatch"]
+            action["regex_rewrite"] = {
+                "pattern": {"regex": regex["pattern"]},
+                "substitution": regex["substitution"],
+            }
+        else:
+            raise AssertionError(f"unmodelled HTTPRoute filter {f['type']}")
+    return action
 
 
 def _routes(
@@ -200,10 +241,7 @@ def _routes(
                 action: dict[str, Any] = {"cluster": cluster_name}
                 if timeout is not None:
                     action["timeout"] = duration(timeout)
-                for f in rule.get("filters", []):
-                    if f["type"] == "URLRewrite":
-                        replacement = f["urlRewrite"]["path"]["replacePrefixMatch"]
-                        action["prefix_rewrite"] = replacement.rstrip("/")
+                action.update(_rewrite(docs, meta["namespace"], rule))
                 host = route["spec"]["hostnames"][0].replace(".", "_")
                 xds: dict[str, Any] = {
                     "name": f"{cluster_name}/match/{j}/{host}",

@@ -1,14 +1,17 @@
 """One platform's stack on loopback: the demo upstream, a relay node configured as
 deploy/kubernetes configures it (relay.toml, the Deployment's serve flags), and a real Envoy
-running the bootstrap a builder made for that platform. Every child is stopped by `stop()`."""
+running the bootstrap a builder made for that platform; optionally a second Envoy of the same
+platform whose ext_proc service refuses connections (the processor down, the relay's HTTP front
+and the LLM up). Every child is stopped by `stop()`."""
 
 from __future__ import annotations
 
 import json
 import signal
+import socket
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +58,10 @@ class MeshStack:
     ports: Ports
     base_url: str = ""
     relay: Child | None = field(default=None, repr=False)
+    # The second Envoy's public URL (start_without_processor), and the bound, never listening
+    # socket its ext_proc service points at: connections to it are refused.
+    no_processor_url: str = ""
+    refusing: socket.socket | None = field(default=None, repr=False)
 
     @property
     def admin_url(self) -> str:
@@ -81,6 +88,8 @@ class MeshStack:
 
     def stop(self) -> None:
         self.stack.stop()
+        if self.refusing is not None:
+            self.refusing.close()
 
 
 def relay_argv(ports_file: Path, egress_url: str, extra: tuple[str, ...]) -> list[str]:
@@ -167,14 +176,30 @@ def _start(
     wait_until("healthy", relay, lambda: http_ok(f"{stack.relay_http_url}/healthz"))
     ports = Ports(bound["grpc_port"], bound["http_port"], llm_port, egress_port)
 
-    config = stack.workdir / "envoy.json"
-    config.write_text(json.dumps(build(ports), indent=1))
-    admin_file = stack.workdir / "envoy.admin"
+    envoy, stack.admin_url, port = _spawn_envoy(stack, "envoy", build(ports), listener)
+    running = MeshStack(name, stack, listener, host, relay_flags, ports, relay=relay)
+    running.base_url = f"http://127.0.0.1:{port}"
+    # Envoy's active health checks must see the relay before traffic can reach it.
+    relay_ports = {ports.relay_grpc, ports.relay_http}
+    wait_until(
+        "the relay healthy in Envoy", envoy, lambda: hosts_healthy(stack.admin_url, relay_ports)
+    )
+    return running
+
+
+def _spawn_envoy(
+    stack: Stack, name: str, config: dict[str, Any], listener: str
+) -> tuple[Child, str, int]:
+    """Start an Envoy on `config`; wait until it is ready. Its child, admin URL and the port of
+    `listener`."""
+    path = stack.workdir / f"{name}.json"
+    path.write_text(json.dumps(config, indent=1))
+    admin_file = stack.workdir / f"{name}.admin"
     envoy = stack.spawn(
-        "envoy",
+        name,
         [
             envoy_binary(),
-            *("-c", str(config), "--disable-hot-restart", "--log-level", "warning"),
+            *("-c", str(path), "--disable-hot-restart", "--log-level", "warning"),
             *("--admin-address-path", str(admin_file)),
         ],
     )
@@ -183,29 +208,44 @@ def _start(
         envoy,
         lambda: admin_file.is_file() and bool(admin_file.read_text().strip()),
     )
-    stack.admin_url = f"http://{admin_file.read_text().strip()}"
-    wait_until("ready", envoy, lambda: http_ok(f"{stack.admin_url}/ready"))
-    port = _listener_port(stack.admin_url, listener)
+    admin_url = f"http://{admin_file.read_text().strip()}"
+    wait_until("ready", envoy, lambda: http_ok(f"{admin_url}/ready"))
+    port = _listener_port(admin_url, listener)
     if port is None:
-        raise StartupError(f"envoy has no listener {listener!r}")
-    running = MeshStack(name, stack, listener, host, relay_flags, ports, relay=relay)
-    running.base_url = f"http://127.0.0.1:{port}"
-    # Envoy's active health checks must see the relay before traffic can reach it.
-    wait_until("the relay healthy in Envoy", envoy, lambda: relay_healthy(running))
-    return running
+        raise StartupError(f"{name} has no listener {listener!r}")
+    return envoy, admin_url, port
 
 
-def relay_healthy(stack: MeshStack) -> bool:
-    """Every cluster that points at the relay node has a healthy host (per Envoy's admin)."""
+def start_without_processor(running: MeshStack, build: Builder) -> None:
+    """A second Envoy for this stack, built for the same platform, whose ext_proc service (and
+    gRPC reader route) is a port that refuses connections: to it the relay's processor is
+    down, while the relay's HTTP front and the LLM are up. Its egress listener, where the
+    platform has one, gets a port of its own."""
+    refusing = socket.socket()
+    refusing.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+    running.refusing = refusing
+    ports = replace(running.ports, relay_grpc=refusing.getsockname()[1], egress=free_port())
+    envoy, admin_url, port = _spawn_envoy(
+        running.stack, "envoy-no-processor", build(ports), running.listener
+    )
+    wait_until(
+        "the relay's HTTP front healthy in Envoy",
+        envoy,
+        lambda: hosts_healthy(admin_url, {ports.relay_http}),
+    )
+    running.no_processor_url = f"http://127.0.0.1:{port}"
+
+
+def hosts_healthy(admin_url: str, ports: set[int]) -> bool:
+    """Every host of Envoy's clusters on one of these ports is healthy (per Envoy's admin)."""
     try:
-        with urllib.request.urlopen(f"{stack.admin_url}/clusters?format=json", timeout=1) as got:
+        with urllib.request.urlopen(f"{admin_url}/clusters?format=json", timeout=1) as got:
             clusters = json.load(got)["cluster_statuses"]
     except (OSError, ValueError, KeyError):
         return False
-    relay_ports = {stack.ports.relay_grpc, stack.ports.relay_http}
     for cluster in clusters:
         for host in cluster.get("host_statuses", []):
-            if host["address"]["socket_address"]["port_value"] not in relay_ports:
+            if host["address"]["socket_address"]["port_value"] not in ports:
                 continue
             if host["health_status"].get("eds_health_status") != "HEALTHY" or any(
                 flag for key, flag in host["health_status"].items() if key.startswith("failed")

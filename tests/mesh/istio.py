@@ -3,13 +3,15 @@
 Built as istiod builds a gateway's config, where it matters to the relay: one listener
 `0.0.0.0_8080` for Gateway server port 80, route config `http.8080`, a virtual host per
 VirtualService host with its http[] rules in order (named as the rules; no route timeout and
-no stream duration limit, Istio's default retry policy), clusters `outbound|PORT||HOST` with
-Istio's effectively unlimited circuit breakers and the DestinationRules' outlier detection,
-and the gateway's default HTTP filters (Istio's own Wasm/stats extensions are left out: they
-are not in upstream Envoy). Then every configPatch of envoyfilter.yaml is applied with Istio's
-semantics: MERGE (proto merge: messages merge, lists append, scalars replace), INSERT_BEFORE.
-The relay's egress in Istio is the LLM Service through the relay pod's own sidecar; here the
-relay calls the demo LLM directly (that sidecar hop is not modelled).
+no stream duration limit, Istio's default retry policy; header and uri matches, `rewrite.uri`
+and `rewrite.uriRegexRewrite` as pilot/pkg/networking/core/route/route.go translates them),
+clusters `outbound|PORT||HOST` with Istio's effectively unlimited circuit breakers and the
+DestinationRules' outlier detection, and the gateway's default HTTP filters (Istio's own
+Wasm/stats extensions are left out: they are not in upstream Envoy). Then every configPatch of
+envoyfilter.yaml is applied with Istio's semantics: MERGE (proto merge: messages merge, lists
+append, scalars replace), INSERT_BEFORE. The relay's egress in Istio is the LLM Service
+through the relay pod's own sidecar; here the relay calls the demo LLM directly (that sidecar
+hop is not modelled).
 """
 
 from __future__ import annotations
@@ -59,6 +61,17 @@ def merge(into: dict[str, Any], value: dict[str, Any]) -> dict[str, Any]:
     return into
 
 
+def _string_match(match: Doc) -> dict[str, Any]:
+    """An Istio StringMatch as ConvertToEnvoyMatch writes it (`regex: "*"`, Istio's presence
+    match, is not modelled)."""
+    ((kind, value),) = match.items()
+    if kind == "regex":
+        assert value != "*"
+        return {"safe_regex": {"regex": value}}
+    assert kind in ("exact", "prefix"), f"unmodelled string match {kind}"
+    return {kind: value}
+
+
 def _route(rule: Doc) -> dict[str, Any]:
     match: dict[str, Any] = {"prefix": "/"}
     first = (rule.get("match") or [{}])[0]
@@ -70,8 +83,10 @@ def _route(rule: Doc) -> dict[str, Any]:
     elif "exact" in uri:
         match = {"path": uri["exact"]}
     headers = first.get("headers", {})
-    if headers:
-        match["headers"] = [{"name": k, "string_match": v} for k, v in headers.items()]
+    if headers:  # TranslateRouteMatch sorts them by name
+        match["headers"] = [
+            {"name": k, "string_match": _string_match(headers[k])} for k in sorted(headers)
+        ]
     destination = rule["route"][0]["destination"]
     action: dict[str, Any] = {
         "cluster": cluster_name(destination["host"], destination["port"]["number"]),
@@ -79,8 +94,15 @@ def _route(rule: Doc) -> dict[str, Any]:
         "max_stream_duration": {"max_stream_duration": "0s", "grpc_timeout_header_max": "0s"},
         "retry_policy": _RETRY,
     }
-    if "rewrite" in rule:
-        action["prefix_rewrite"] = rule["rewrite"]["uri"]
+    rewrite = rule.get("rewrite", {})
+    if "uriRegexRewrite" in rewrite:  # applyHTTPRouteDestination: regex first, then uri
+        regex = rewrite["uriRegexRewrite"]
+        action["regex_rewrite"] = {
+            "pattern": {"regex": regex["match"]},
+            "substitution": regex["rewrite"],
+        }
+    elif "uri" in rewrite:
+        action["prefix_rewrite"] = rewrite["uri"]
     return {
         "name": rule["name"],
         "match": match,
