@@ -283,6 +283,17 @@ def test_a_client_cannot_route_itself_to_the_relay(mesh: Mesh, platform: str) ->
         assert response.content == models  # the LLM answered, not the relay
 
 
+@pytest.mark.parametrize("platform", ALL)
+def test_a_client_cannot_claim_an_identity(mesh: Mesh, platform: str) -> None:
+    """The identity headers are stripped before the processor: were one to reach the relay, it
+    would own the session as that caller (or, malformed as here, refuse it 401)."""
+    stack = mesh.stacks[platform]
+    for forged in ({"x-relay-identity": "key:not one"}, {"x-relay-jwt-payload": "not-base64!"}):
+        response = post(stack, chat(2, f"who am I on {platform}"), **forged)
+        assert response.status_code == 200, response.text
+        assert response.headers["x-relay-session"]  # tagged by the relay, which saw neither
+
+
 def test_the_front_proxys_other_routes_never_reach_the_relay(mesh: Mesh) -> None:
     stack = mesh.stacks["plain"]
     started = "http.ingress_http.ext_proc.streams_started"

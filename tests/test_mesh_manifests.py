@@ -27,6 +27,7 @@ from mesh import eg_schema, envoy_gateway, istio, plain
 from mesh.harness import Builder, Ports
 from mesh.manifests import DEPLOY, Doc, documents, one
 
+from extproc.access.identity import IDENTITY_HEADER, JWT_PAYLOAD_HEADER
 from extproc.node.config import NodeSettings
 from extproc.ops.cli import build_parser
 from extproc.ops.envoy_render import EnvoyPorts, Upstream, render
@@ -311,15 +312,11 @@ def test_the_deployment_passes_real_serve_flags() -> None:
     assert args[0] == "serve"
     config = next(a for a in args if a.startswith("--config="))
     args[args.index(config)] = f"--config={DEPLOY / 'kubernetes/relay.toml'}"
-    serve = build_parser()._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
-    known = {s for action in serve._actions for s in action.option_strings}
-    if "--drain-timeout" not in known:
-        pytest.skip(
-            "this build has no `serve --drain-timeout` yet (graceful shutdown lands separately)"
-        )
     flat = [part for a in args for part in a.split("=", 1)]
     parsed = build_parser().parse_args(config_argv(build_parser(), flat))
     assert parsed.command == "serve"
+    drain = next(a for a in args if a.startswith("--drain-timeout="))
+    assert parsed.drain_timeout == float(drain.split("=", 1)[1])  # read, not dropped
 
 
 def test_the_drain_fits_inside_the_grace_period() -> None:
@@ -404,3 +401,16 @@ def test_each_platform_decides_resumes_in_envoy_as_the_template_does(platform: s
     assert all(
         config.get("disabled") is True for name, config in per_route.items() if "ext_proc" in name
     ), per_route  # any other per-route config would turn the disabled filter on
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_each_platform_strips_every_header_the_relay_trusts(platform: str) -> None:
+    """Before routing and before any filter, each platform's Envoy removes the client's copies
+    of every header only Envoy or the relay may set: the re-route target and both identity
+    headers (a forged x-relay-jwt-payload would pick any session owner)."""
+    ports = Ports(relay_grpc=50051, relay_http=8081, llm=8000, egress=10001)
+    config = PLATFORMS[platform](ports)
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    (early,) = hcm["typed_config"]["early_header_mutation_extensions"]
+    removed = {m["remove"] for m in early["typed_config"]["mutations"]}
+    assert removed >= {"x-relay-target", IDENTITY_HEADER, JWT_PAYLOAD_HEADER}
