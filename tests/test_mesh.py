@@ -177,12 +177,10 @@ def test_resume_replays_exactly_the_rest_without_the_llm(mesh: Mesh, platform: s
     assert stack.llm_calls() == calls
 
 
-@pytest.mark.parametrize("platform", DETACHED)
+@pytest.mark.parametrize("platform", ALL)
 def test_a_resume_reaches_the_relay_with_its_query_string(mesh: Mesh, platform: str) -> None:
     """The resume rewrite keeps the query: with one added, the relay sees another request than
-    the one that created the session and refuses it. (Not on envoy-gateway-inline: Envoy
-    Gateway sends the processor no request body, so an inline session there has no request
-    key to compare, see deploy/envoy-gateway/README.md.)"""
+    the one that created the session and refuses it."""
     stack = mesh.stacks[platform]
     payload = chat(4, f"whose query on {platform}")
     session = post(stack, payload).headers["x-relay-session"]

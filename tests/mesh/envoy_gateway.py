@@ -6,7 +6,7 @@ internal/xds/translator) where it matters to the relay:
 - the EnvoyExtensionPolicy's ext_proc filter sits in the listener's HCM `disabled: true` and is
   enabled, with an empty FilterConfig, on the xDS routes of the policy's target only; its gRPC
   service timeout is hard-coded to 10 s; message_timeout, failure_mode_allow, processing_mode
-  and allow_mode_override come from the policy (`request: {}` -> headers SEND; unset fields
+  and allow_mode_override come from the policy (`request: {...}` -> headers SEND; unset fields
   keep Envoy's defaults); no allowed_override_modes, no per-route overrides (so no
   x-relay-write-path metadata: the node's --write-path decides);
 - routes of every HTTPRoute/GRPCRoute on the listener, sorted as sort.go sorts them (Exact >
