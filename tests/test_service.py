@@ -20,9 +20,14 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
 from envoy.service.ext_proc.v3.external_processor_pb2_grpc import ExternalProcessorStub
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from extproc.access.quota import SessionQuota
+from extproc.inline import service
+from extproc.inline.processor import StreamProcessor
 from extproc.node.config import NodeSettings
+from extproc.node.metrics import RelayMetrics
 from extproc.node.process import RunningNode, start_node
 from extproc.session.log import EndState, SessionLog
+from extproc.store import MemoryStore
 
 DEADLINE_S = 5.0
 SSE_BODY = b"".join(f'data: {{"n": {n}}}\n\n'.encode() for n in range(1, 7))
@@ -198,3 +203,34 @@ async def test_health_reports_serving(channel: grpc.aio.Channel) -> None:
     async with asyncio.timeout(DEADLINE_S):
         reply = await stub.Check(health_pb2.HealthCheckRequest(service=""))
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+class HeldDoneStore(MemoryStore):
+    """Holds every `done`, as a shared store does until Redis has it (here: never)."""
+
+    def end(self, log: SessionLog, state: EndState, reason: str = "") -> None:
+        if state is not EndState.DONE:
+            super().end(log, state, reason)
+
+
+@pytest.mark.timeout(10)  # the bug this guards against spun without ever yielding
+async def test_a_settling_session_the_store_drops_cuts_the_client() -> None:
+    """The last reply waits for the store to record `done`; if the store evicts the log
+    meanwhile, it never will: the client is cut at once, and the node does not hang."""
+    store = HeldDoneStore(metrics=RelayMetrics())
+    processor = StreamProcessor(
+        store, SessionQuota(), max_event_bytes=1 << 20, on_usage=lambda usage: None
+    )
+    processor.handle(request_headers())
+    processor.handle(response_headers("text/event-stream"))
+    last = processor.handle(body(b"data: 1\n\n", end_of_stream=True))
+    assert last is not None and processor.settling
+    session = processor.session
+    assert session is not None
+    settled = asyncio.create_task(service._settled(processor, last))
+    await asyncio.sleep(0)  # it waits for the end
+    session.drop("evicted")
+    async with asyncio.timeout(DEADLINE_S):
+        reply = await settled
+    assert isinstance(reply, ProcessingResponse)
+    assert reply.immediate_response.details == "relay_session_cut"

@@ -287,6 +287,29 @@ async def test_events_lost_from_redis_are_gone_never_skipped(redis_server: Redis
         await b.close()
 
 
+@pytest.mark.timeout(20)  # the bug this guards against spun without ever yielding
+async def test_a_mirror_evicted_while_a_resume_waits_for_its_id_is_gone(
+    redis_server: RedisServer,
+) -> None:
+    """A resume with an id the mirror has not caught up to waits for it; if the mirror is
+    evicted meanwhile (it stays open, empty) the resume gets 410 and the node goes on."""
+    a, b = await two_nodes(redis_server)
+    try:
+        session = a.create(content_type=SSE, write_path=WritePath.INLINE)
+        a.append(session, events(3))
+        mirror = await until_copied(Pair(a, b), session)
+        waiting = asyncio.create_task(b.lookup(session.session_id, at_least=10))
+        await asyncio.sleep(0.1)  # it waits for event 10
+        assert not waiting.done()
+        mirror.drop("evicted")
+        async with asyncio.timeout(5):
+            with pytest.raises(SessionGone):
+                await waiting
+    finally:
+        await a.close()
+        await b.close()
+
+
 async def test_redis_down_writes_go_on_reads_get_503_then_all_recovers(
     redis_server: RedisServer,
 ) -> None:
