@@ -287,6 +287,28 @@ async def test_events_lost_from_redis_are_gone_never_skipped(redis_server: Redis
         await b.close()
 
 
+async def test_a_hole_found_while_following_is_gone_for_every_later_lookup(
+    redis_server: RedisServer,
+) -> None:
+    """The follower of an open session finds a hole in its stream: the mirror is dropped, and
+    lookups on that node answer 410 from then on, as on a node that never mirrored it (not
+    the dropped copy, an open session with no events)."""
+    a, b = await two_nodes(redis_server)
+    try:
+        session = a.create(content_type=SSE, write_path=WritePath.INLINE)
+        a.append(session, events(3))
+        mirror = await until_copied(Pair(a, b), session)
+        raw = aioredis.from_url(redis_server.url)
+        await raw.xadd(Keys("stream-relay", session.session_id).events, {"d": b"x"}, id="0-10")
+        await raw.aclose()
+        await eventually("the follower to find the hole", lambda: mirror.gone_reason)
+        with pytest.raises(SessionGone):
+            await b.lookup(session.session_id)
+    finally:
+        await a.close()
+        await b.close()
+
+
 @pytest.mark.timeout(20)  # the bug this guards against spun without ever yielding
 async def test_a_mirror_evicted_while_a_resume_waits_for_its_id_is_gone(
     redis_server: RedisServer,
