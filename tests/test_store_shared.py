@@ -427,6 +427,34 @@ async def test_a_cancel_reaches_the_node_that_runs_the_generation(
         await b.close()
 
 
+async def test_a_malformed_cancel_message_does_not_stop_the_listener(
+    redis_server: RedisServer,
+) -> None:
+    """Anything published on the cancel channel (it is Redis's, not only the relay's) is at
+    worst no cancel: the listener goes on, and the next real cancel still arrives."""
+    seen: list[str] = []
+    a, b = await two_nodes(redis_server, a_cancels=lambda session_id: bool(seen.append(session_id)))
+    try:
+        session = a.create(content_type=SSE, write_path=WritePath.DETACHED)
+        raw = aioredis.from_url(redis_server.url)
+        try:
+            await eventually(
+                "node a to listen for cancels",
+                lambda: raw.publish("stream-relay:cancel", b"\xff\xfe not utf-8"),
+            )
+        finally:
+            await raw.aclose()
+
+        async def cancelled() -> bool:
+            await b.request_cancel(session.session_id)
+            return session.session_id in seen
+
+        await eventually("the real cancel to arrive", cancelled)
+    finally:
+        await a.close()
+        await b.close()
+
+
 async def test_readers_on_another_node_are_announced_to_the_writer(
     redis_server: RedisServer,
 ) -> None:
