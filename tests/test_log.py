@@ -160,6 +160,28 @@ async def test_dropped_log_raises_session_gone_in_a_waiting_cursor() -> None:
         await read_all(Cursor(log, 0))
 
 
+@pytest.mark.timeout(10)  # the bug this guards against spun without ever yielding
+async def test_waiting_for_the_end_of_a_dropped_log_raises_session_gone() -> None:
+    """Callers wait for an end with `while log.state is OPEN: await log.wait_beyond(...)`. A log
+    the store drops while open never ends: waiting on it must raise, not return at once (that
+    loop then spun forever without yielding, so not even its own timeout could stop it)."""
+    log = new_log()
+    log.append(event(1))
+
+    async def wait_for_the_end() -> None:
+        while log.state is EndState.OPEN:
+            await log.wait_beyond(log.last_seq)
+
+    waiter = asyncio.create_task(wait_for_the_end())
+    await asyncio.sleep(0)  # it parks in wait_beyond
+    log.drop("evicted")
+    async with asyncio.timeout(DEADLINE_S):
+        with pytest.raises(SessionGone, match="evicted"):
+            await waiter
+        with pytest.raises(SessionGone, match="evicted"):  # and once dropped, at once
+            await wait_for_the_end()
+
+
 async def test_drop_frees_events() -> None:
     log = new_log()
     log.append(event(1))

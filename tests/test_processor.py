@@ -649,3 +649,50 @@ def test_a_stream_on_another_route_takes_its_slot_at_the_response() -> None:
     refused = on_wire(second.handle(response_headers(200, SSE)))
     assert refused.immediate_response.status.code == 429
     assert second.session is None and len(store) == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "content_type", "model", "prompt", "completion"),
+    [
+        ("openai-chat-usage.sse", SSE, "gpt-fixture", 12, 9),
+        ("openai-responses.sse", SSE, "unknown", 8, 3),
+        # message_start reports 15 in, 1 out so far; message_delta's 5 out is the running
+        # total (Anthropic's usage is cumulative), and names no model.
+        ("anthropic-messages.sse", SSE, "claude-fixture", 15, 5),
+        ("ollama-chat.ndjson", "application/x-ndjson", "llama-fixture", 10, 4),
+    ],
+)
+def test_tokens_are_counted_once_per_response_whatever_the_vendor(
+    name: str, content_type: str, model: str, prompt: int, completion: int
+) -> None:
+    metrics = RelayMetrics()
+    processor = StreamProcessor(
+        new_store(), SessionQuota(), max_event_bytes=MAX_FRAME_BYTES, on_usage=metrics.count_tokens
+    )
+    start_stream(processor, content_type)
+    send_body(processor, [load(name)])
+    counted = {
+        (sample.labels["model"], sample.labels["kind"]): sample.value
+        for family in metrics.collect()
+        if family.name == "relay_tokens"
+        for sample in family.samples
+        if sample.name == "relay_tokens_total"
+    }
+    assert counted == {(model, "prompt"): prompt, (model, "completion"): completion}
+
+
+def test_running_usage_totals_count_only_what_each_report_adds() -> None:
+    """Servers that report usage on every chunk send running totals, never increments."""
+    metrics = RelayMetrics()
+    processor = StreamProcessor(
+        new_store(), SessionQuota(), max_event_bytes=MAX_FRAME_BYTES, on_usage=metrics.count_tokens
+    )
+    start_stream(processor)
+    chunks = [
+        b'data: {"model": "m", "usage": {"prompt_tokens": 7, "completion_tokens": %d}}\n\n' % n
+        for n in (1, 2, 3)
+    ]
+    send_body(processor, chunks)
+    sample = metrics.registry.get_sample_value
+    assert sample("relay_tokens_total", {"model": "m", "kind": "prompt"}) == 7
+    assert sample("relay_tokens_total", {"model": "m", "kind": "completion"}) == 3

@@ -20,9 +20,14 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
 from envoy.service.ext_proc.v3.external_processor_pb2_grpc import ExternalProcessorStub
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from extproc.access.quota import SessionQuota
+from extproc.inline import service
 from extproc.node.config import NodeSettings
+from extproc.node.metrics import RelayMetrics
 from extproc.node.process import RunningNode, start_node
 from extproc.session.log import EndState, SessionLog
+from extproc.store import MemoryStore
+from extproc.vocabulary import WritePath
 
 DEADLINE_S = 5.0
 SSE_BODY = b"".join(f'data: {{"n": {n}}}\n\n'.encode() for n in range(1, 7))
@@ -198,3 +203,56 @@ async def test_health_reports_serving(channel: grpc.aio.Channel) -> None:
     async with asyncio.timeout(DEADLINE_S):
         reply = await stub.Check(health_pb2.HealthCheckRequest(service=""))
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+class HeldDoneStore(MemoryStore):
+    """Holds every `done`, as a shared store does until Redis has it (here: never)."""
+
+    def __init__(self) -> None:
+        super().__init__(metrics=RelayMetrics())
+        self.created: list[SessionLog] = []
+
+    def create(self, *, content_type: str, write_path: WritePath, owner: str = "") -> SessionLog:
+        log = super().create(content_type=content_type, write_path=write_path, owner=owner)
+        self.created.append(log)
+        return log
+
+    def end(self, log: SessionLog, state: EndState, reason: str = "") -> None:
+        if state is not EndState.DONE:
+            super().end(log, state, reason)
+
+
+class NoMetadata:
+    """The servicer context of a route that sends no ext_proc metadata."""
+
+    def invocation_metadata(self) -> tuple[()]:
+        return ()
+
+
+@pytest.mark.timeout(10)  # the bug this guards against spun without ever yielding
+async def test_a_settling_session_the_store_drops_cuts_the_client() -> None:
+    """The last reply waits for the store to record `done`; if the store evicts the log
+    meanwhile, it never will: the client is cut at once, and the node does not hang."""
+    store = HeldDoneStore()
+    servicer = service.ExternalProcessor(
+        store, SessionQuota(), RelayMetrics(), max_event_bytes=1 << 20
+    )
+
+    async def envoy() -> AsyncIterator[ProcessingRequest]:
+        yield request_headers()
+        yield response_headers("text/event-stream")
+        yield body(b"data: 1\n\n", end_of_stream=True)
+
+    replies = servicer.Process(envoy(), NoMetadata())
+    async with asyncio.timeout(DEADLINE_S):
+        await anext(replies)  # request headers
+        await anext(replies)  # response headers: the session opens
+        last = asyncio.create_task(anext(replies))
+        await asyncio.sleep(0)  # the last reply waits for `done`
+        assert not last.done()
+        (session,) = store.created
+        session.drop("evicted")
+        reply = await last
+        await replies.aclose()
+    assert isinstance(reply, ProcessingResponse)
+    assert reply.immediate_response.details == "relay_session_cut"

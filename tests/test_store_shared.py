@@ -287,6 +287,51 @@ async def test_events_lost_from_redis_are_gone_never_skipped(redis_server: Redis
         await b.close()
 
 
+async def test_a_hole_found_while_following_is_gone_for_every_later_lookup(
+    redis_server: RedisServer,
+) -> None:
+    """The follower of an open session finds a hole in its stream: the mirror is dropped, and
+    lookups on that node answer 410 from then on, as on a node that never mirrored it (not
+    the dropped copy, an open session with no events)."""
+    a, b = await two_nodes(redis_server)
+    try:
+        session = a.create(content_type=SSE, write_path=WritePath.INLINE)
+        a.append(session, events(3))
+        mirror = await until_copied(Pair(a, b), session)
+        raw = aioredis.from_url(redis_server.url)
+        await raw.xadd(Keys("stream-relay", session.session_id).events, {"d": b"x"}, id="0-10")
+        await raw.aclose()
+        await eventually("the follower to find the hole", lambda: mirror.gone_reason)
+        with pytest.raises(SessionGone):
+            await b.lookup(session.session_id)
+    finally:
+        await a.close()
+        await b.close()
+
+
+@pytest.mark.timeout(20)  # the bug this guards against spun without ever yielding
+async def test_a_mirror_evicted_while_a_resume_waits_for_its_id_is_gone(
+    redis_server: RedisServer,
+) -> None:
+    """A resume with an id the mirror has not caught up to waits for it; if the mirror is
+    evicted meanwhile (it stays open, empty) the resume gets 410 and the node goes on."""
+    a, b = await two_nodes(redis_server)
+    try:
+        session = a.create(content_type=SSE, write_path=WritePath.INLINE)
+        a.append(session, events(3))
+        mirror = await until_copied(Pair(a, b), session)
+        waiting = asyncio.create_task(b.lookup(session.session_id, at_least=10))
+        await asyncio.sleep(0.1)  # it waits for event 10
+        assert not waiting.done()
+        mirror.drop("evicted")
+        async with asyncio.timeout(5):
+            with pytest.raises(SessionGone):
+                await waiting
+    finally:
+        await a.close()
+        await b.close()
+
+
 async def test_redis_down_writes_go_on_reads_get_503_then_all_recovers(
     redis_server: RedisServer,
 ) -> None:
@@ -377,6 +422,34 @@ async def test_a_cancel_reaches_the_node_that_runs_the_generation(
         async with asyncio.timeout(10):
             await cancelled.wait()
         assert session.session_id in seen
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_malformed_cancel_message_does_not_stop_the_listener(
+    redis_server: RedisServer,
+) -> None:
+    """Anything published on the cancel channel (it is Redis's, not only the relay's) is at
+    worst no cancel: the listener goes on, and the next real cancel still arrives."""
+    seen: list[str] = []
+    a, b = await two_nodes(redis_server, a_cancels=lambda session_id: bool(seen.append(session_id)))
+    try:
+        session = a.create(content_type=SSE, write_path=WritePath.DETACHED)
+        raw = aioredis.from_url(redis_server.url)
+        try:
+            await eventually(
+                "node a to listen for cancels",
+                lambda: raw.publish("stream-relay:cancel", b"\xff\xfe not utf-8"),
+            )
+        finally:
+            await raw.aclose()
+
+        async def cancelled() -> bool:
+            await b.request_cancel(session.session_id)
+            return session.session_id in seen
+
+        await eventually("the real cancel to arrive", cancelled)
     finally:
         await a.close()
         await b.close()

@@ -16,6 +16,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_gr
 from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest, ProcessingResponse
 
 from extproc.access.quota import SessionQuota
+from extproc.errors import SessionGone
 from extproc.inline.processor import WRITE_PATH_METADATA, Reply, StreamProcessor, cut_stream
 from extproc.node.metrics import RelayMetrics
 from extproc.session.log import EndState
@@ -91,10 +92,11 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):  # type: ignor
 
 async def _settled(processor: StreamProcessor, response: Reply) -> Reply:
     """The reply that ends a stream tells the client it is complete. A shared store records
-    `done` only once it holds it (one round trip); if that does not happen in time, or the
-    session failed instead, the client's response is cut rather than passed off as complete."""
+    `done` only once it holds it (one round trip); if that does not happen in time, the
+    session failed instead, or the store dropped it meanwhile (SessionGone), the client's
+    response is cut rather than passed off as complete."""
     session = processor.session
-    with contextlib.suppress(TimeoutError):
+    with contextlib.suppress(TimeoutError, SessionGone):
         async with asyncio.timeout(SETTLE_TIMEOUT_S):
             while session is not None and session.state is EndState.OPEN:
                 await session.wait_beyond(session.last_seq)

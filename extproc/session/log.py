@@ -113,20 +113,26 @@ class SessionLog:
 
     def events_after(self, seq: int, limit: int) -> list[bytes]:
         if self.gone_reason:
-            raise SessionGone(f"session {self.session_id} was {self.gone_reason}")
+            raise self._gone()
         return self._events[seq : seq + limit]
 
     async def wait_beyond(self, seq: int) -> None:
-        """Return once there is an event after `seq`, the log has ended, or it was dropped (or
-        someone called wake())."""
+        """Return once there is an event after `seq` or the log has ended (or someone called
+        wake()); raise SessionGone once the store has dropped it. A dropped log stays open
+        forever, so returning would leave a caller that waits for the end spinning."""
         if seq >= len(self._events) and self.state is EndState.OPEN and not self.gone_reason:
             if self._changed is None:
                 self._changed = asyncio.get_running_loop().create_future()
             await asyncio.shield(self._changed)
+        if self.gone_reason:
+            raise self._gone()
 
     def wake(self) -> None:
         """Wake every cursor waiting on this log, e.g. so one of them sees it was closed."""
         self._wake()
+
+    def _gone(self) -> SessionGone:
+        return SessionGone(f"session {self.session_id} was {self.gone_reason}")
 
     def _wake(self) -> None:
         if self._changed is not None:

@@ -3,7 +3,9 @@
 OpenAI reports `usage.prompt_tokens`/`completion_tokens` (chat, with `stream_options`) or
 `usage.input_tokens`/`output_tokens` (Responses, nested in `response`); Anthropic in
 `message_start.message.usage` and `message_delta.usage`; Ollama in its final line's
-`prompt_eval_count`/`eval_count`. Anything else, or unparseable, is no report.
+`prompt_eval_count`/`eval_count`. Anything else, or unparseable, is no report. Reports within
+one response are running totals (Anthropic's message_delta repeats message_start's counts and
+grows them; some servers report on every chunk): `UsageTally` counts what each one adds.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 # An event without one of these bytes cannot hold a report: checked before parsing any JSON.
 MARKERS = (b'"usage"', b'"eval_count"')
 MAX_MODEL_CHARS = 128
+UNKNOWN_MODEL = "unknown"  # a report that names no model (Anthropic's message_delta)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,9 +54,33 @@ def parse_usage(data: bytes) -> Usage | None:
     )
     if not isinstance(prompt, int) and not isinstance(completion, int):
         return None
-    model = doc.get("model") or message.get("model") or "unknown"
+    model = doc.get("model") or message.get("model") or UNKNOWN_MODEL
     return Usage(
         str(model)[:MAX_MODEL_CHARS],
         prompt if isinstance(prompt, int) else 0,
         completion if isinstance(completion, int) else 0,
     )
+
+
+class UsageTally:
+    """One response's usage reports, as what each adds to the totals reported before it; the
+    model is the first one named."""
+
+    __slots__ = ("_completion", "_model", "_prompt")
+
+    def __init__(self) -> None:
+        self._model = UNKNOWN_MODEL
+        self._prompt = 0
+        self._completion = 0
+
+    def add(self, usage: Usage) -> Usage | None:
+        """The new tokens in `usage`, or None when it adds none."""
+        if self._model == UNKNOWN_MODEL:
+            self._model = usage.model
+        prompt = max(0, usage.prompt - self._prompt)
+        completion = max(0, usage.completion - self._completion)
+        self._prompt += prompt
+        self._completion += completion
+        if not prompt and not completion:
+            return None
+        return Usage(self._model, prompt, completion)

@@ -13,7 +13,7 @@ from typing import Protocol
 from extproc.session.framing import Frame, FrameTooLarge, NdjsonFramer, SseFramer, sse_data, tag_sse
 from extproc.session.ids import format_event_id
 from extproc.session.log import EndState, SessionLog
-from extproc.session.usage import Usage, may_report_usage, parse_usage
+from extproc.session.usage import Usage, UsageTally, may_report_usage, parse_usage
 
 _OPEN = EndState.OPEN  # per chunk: a global is ~8x cheaper than an Enum member lookup (3.11)
 
@@ -27,7 +27,7 @@ class LogSink(Protocol):
 
 
 class SessionWriter:
-    __slots__ = ("_framer", "_on_usage", "_store", "_tag", "log")
+    __slots__ = ("_framer", "_on_usage", "_store", "_tag", "_usage", "log")
 
     def __init__(
         self,
@@ -41,7 +41,8 @@ class SessionWriter:
         self.log = log
         self._framer: SseFramer | NdjsonFramer | None = framer
         self._tag = isinstance(framer, SseFramer)  # NDJSON lines cannot carry an id in-band
-        self._on_usage = on_usage  # the upstream's token counts, as it reports them
+        self._on_usage = on_usage  # the tokens each of the upstream's usage reports adds
+        self._usage = UsageTally()
 
     def feed(self, data: bytes) -> bytes:
         """Frame a chunk; return the bytes the client should get for it (events tagged)."""
@@ -99,6 +100,7 @@ class SessionWriter:
         """The event as logged and sent: tagged with its id (SSE); its usage report counted."""
         if may_report_usage(raw):
             usage = parse_usage((sse_data(raw) or b"") if self._tag else raw)
-            if usage is not None:
-                self._on_usage(usage)
+            added = self._usage.add(usage) if usage is not None else None
+            if added is not None:
+                self._on_usage(added)
         return tag_sse(raw, format_event_id(self.log.session_id, seq)) if self._tag else raw

@@ -98,8 +98,13 @@ class Mirrors:
             except StoreUnavailable:
                 await asyncio.sleep(self._calls.backoff())
                 continue
+            if mirror.gone_reason:  # evicted while the read waited: no longer followed
+                return
             if not _copy(entries(cast(list[Any], reply)[0][1]), mirror):
-                mirror.drop(DropReason.EVICTED)  # Redis lost part of it: say so, never skip
+                # Redis lost part of it: say so, never skip. Out of the cache too, so a later
+                # lookup reads Redis again (and finds the hole) instead of this empty copy.
+                self._logs.pop(mirror.session_id, None)
+                mirror.drop(DropReason.EVICTED)
                 return
             if self._logs.get(mirror.session_id) is mirror:
                 self._logs[mirror.session_id] = mirror  # re-set: the cache re-counts bytes

@@ -135,8 +135,12 @@ class Presence:
                                 ignore_subscribe_messages=True, timeout=POLL_S
                             )
                             if message is not None and message.get("type") == "message":
-                                on_cancel(bytes(message["data"]).decode())
+                                # Anyone with Redis may publish here: junk is no session id.
+                                on_cancel(bytes(message["data"]).decode("utf-8", "replace"))
             except StoreUnavailable:
+                await asyncio.sleep(self._calls.backoff())
+            except Exception:  # a bug must not stop the listener: cancels would stop arriving
+                log.exception("cancel listener failed")
                 await asyncio.sleep(self._calls.backoff())
 
     async def leave(self) -> None:
