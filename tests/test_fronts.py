@@ -14,6 +14,7 @@ import aiohttp
 import grpc
 import pytest
 from aiohttp import web
+from multidict import CIMultiDict
 
 from extproc.access.quota import SessionQuota
 from extproc.detached.generations import DetachSettings, Generations
@@ -345,3 +346,61 @@ async def _read_as(
         except grpc.aio.AioRpcError as error:
             return "cut" if error.code() == grpc.StatusCode.NOT_FOUND else repr(error)
         return "ended"
+
+
+@dataclass
+class Upstream:
+    url: str
+    gone: asyncio.Event  # set once the relay's upstream request has gone away
+
+
+@pytest.fixture
+async def endless_upstream() -> AsyncIterator[Upstream]:
+    """An LLM that opens with one event too large for the relay, then streams on for ~10 s."""
+    gone = asyncio.Event()
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        try:
+            await response.write(b"data: " + b"x" * 2048 + b"\n\n")
+            for n in range(200):
+                await asyncio.sleep(0.05)
+                await response.write(b'data: {"n": %d}\n\n' % n)
+        finally:
+            gone.set()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", stream)
+    runner = web.AppRunner(app, handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield Upstream(f"http://127.0.0.1:{runner.addresses[0][1]}", gone)
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_detached_generation_stops_once_its_log_has_ended(
+    endless_upstream: Upstream,
+) -> None:
+    """A log the writer failed (an event over the limit here; the log limit alike) takes no more
+    events: the LLM call stops at once, not a grace later, and its quota slot is free."""
+    metrics = RelayMetrics()
+    store = MemoryStore(metrics=metrics)
+    settings = DetachSettings(egress_url=endless_upstream.url)
+    generations = Generations(store, settings, metrics, max_event_bytes=1024)
+    quota = SessionQuota()
+    try:
+        async with asyncio.timeout(TIMEOUT_S):
+            response = await generations.open("POST", "/v1/chat/completions", CIMultiDict(), b"{}")
+            slot = quota.reserve("alice")
+            log = generations.start(response, owner="alice", slot=slot, request_key="")
+            assert log is not None
+            await endless_upstream.gone.wait()  # ~10 s if the generation reads on
+        assert log.state is EndState.FAILED
+        assert generations.running == 0 and quota.open("alice") == 0
+    finally:
+        await generations.close()
