@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
-from extproc.access.quota import SessionQuota
+from extproc.access.quota import UNCOUNTED, SessionQuota
 from extproc.detached.generations import DetachSettings, Generations
 from extproc.node.metrics import RelayMetrics
 from extproc.proto.relay.v1 import relay_pb2_grpc
@@ -402,5 +402,46 @@ async def test_a_detached_generation_stops_once_its_log_has_ended(
             await endless_upstream.gone.wait()  # ~10 s if the generation reads on
         assert log.state is EndState.FAILED
         assert generations.running == 0 and quota.open("alice") == 0
+    finally:
+        await generations.close()
+
+
+class _SlowRemoteReaders(MemoryStore):
+    """A shared store's reader count: answered only once the test says so."""
+
+    def __init__(self, metrics: RelayMetrics) -> None:
+        super().__init__(metrics=metrics)
+        self.asked, self.answer = asyncio.Event(), asyncio.Event()
+
+    async def remote_readers(self, session_id: str) -> int:
+        self.asked.set()
+        await self.answer.wait()
+        return 0
+
+
+async def test_a_reader_that_comes_and_goes_during_the_grace_check_gets_a_full_grace(
+    endless_upstream: Upstream,
+) -> None:
+    """The grace ran out and other nodes are being asked; a reader attaches and leaves
+    meanwhile: its leaving starts a new grace, which the pending check must not cut short."""
+    metrics = RelayMetrics()
+    store = _SlowRemoteReaders(metrics)
+    grace_s = 1.0
+    settings = DetachSettings(egress_url=endless_upstream.url, detach_grace=grace_s)
+    generations = Generations(store, settings, metrics, max_event_bytes=1 << 20)
+    try:
+        async with asyncio.timeout(TIMEOUT_S):
+            response = await generations.open("POST", "/v1/chat/completions", CIMultiDict(), b"{}")
+            log = generations.start(response, owner="", slot=UNCOUNTED, request_key="")
+            assert log is not None
+            await store.asked.wait()  # the first grace is over: asking the other nodes
+            generations.readers_changed(log.session_id, 1)
+            generations.readers_changed(log.session_id, 0)  # left again: a new grace
+            store.answer.set()  # no reader elsewhere
+            await asyncio.sleep(grace_s / 4)
+            assert log.state is EndState.OPEN, log.reason
+            while log.state is EndState.OPEN:  # until the new grace runs out
+                await log.wait_beyond(log.last_seq)
+        assert (log.state, log.reason) == (EndState.CANCELLED, f"no reader for {grace_s:g}s")
     finally:
         await generations.close()

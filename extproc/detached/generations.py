@@ -129,8 +129,8 @@ class Generations:
             elsewhere = await self._store.remote_readers(session_id)
         except StoreUnavailable:
             elsewhere = 1
-        if generation.readers:  # a reader came back while we asked
-            return
+        if generation.readers or generation.grace_timer is not None:
+            return  # a reader came back while we asked (and may have left: a new grace runs)
         if elsewhere:
             self.readers_changed(session_id, 0)  # look again after another grace
             return
