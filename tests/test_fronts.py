@@ -16,8 +16,10 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
+from extproc.access.grants import Access
 from extproc.access.quota import UNCOUNTED, SessionQuota
 from extproc.detached.generations import DetachSettings, Generations
+from extproc.errors import SessionNotFound
 from extproc.node.metrics import RelayMetrics
 from extproc.proto.relay.v1 import relay_pb2_grpc
 from extproc.proto.relay.v1.relay_pb2 import SubscribeRequest, SubscribeResponse
@@ -26,7 +28,7 @@ from extproc.readers.app import make_app
 from extproc.readers.http import Node
 from extproc.readers.registry import SHARE_CHECK_S, ReaderLimits, ReaderRegistry
 from extproc.session.framing import framing_of, new_framer
-from extproc.session.log import EndState, SessionLog, WritePath
+from extproc.session.log import Cursor, EndState, SessionLog, WritePath
 from extproc.session.writer import SessionWriter
 from extproc.store import MemoryStore
 from extproc.vocabulary import ReaderProtocol
@@ -445,3 +447,33 @@ async def test_a_reader_that_comes_and_goes_during_the_grace_check_gets_a_full_g
         assert (log.state, log.reason) == (EndState.CANCELLED, f"no reader for {grace_s:g}s")
     finally:
         await generations.close()
+
+
+async def test_a_share_check_that_fails_unexpectedly_does_not_end_the_watch() -> None:
+    """One failed check (a bug, a record the store cannot parse) says nothing either way; the
+    next one still cuts a reader whose token was revoked. A dead watch would cut no one, ever."""
+    metrics = RelayMetrics()
+    log = MemoryStore(metrics=metrics).create(
+        content_type="text/event-stream", write_path=WritePath.INLINE, owner=_owner("key:alice")
+    )
+    registry = ReaderRegistry(ReaderLimits(), metrics)
+    checks = 0
+
+    async def revoked_after_a_failure(shares: set[tuple[str, str]]) -> set[tuple[str, str]]:
+        nonlocal checks
+        checks += 1
+        if checks == 1:
+            raise ValueError("could not convert string to float: 'garbage'")
+        return set()  # revoked meanwhile, on another node
+
+    bob = Access.of(_owner("key:bob"), "tokenid.secret")
+    with registry.attach(Cursor(log, 0), ReaderProtocol.SSE, bob) as reader:
+        watcher = asyncio.create_task(registry.watch_shares(revoked_after_a_failure))
+        try:
+            async with asyncio.timeout(TIMEOUT_S):
+                with pytest.raises(SessionNotFound):
+                    async for _ in reader.batches():
+                        pass
+        finally:
+            watcher.cancel()
+    assert checks == 2
