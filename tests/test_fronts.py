@@ -477,3 +477,20 @@ async def test_a_share_check_that_fails_unexpectedly_does_not_end_the_watch() ->
         finally:
             watcher.cancel()
     assert checks == 2
+
+
+async def test_an_ndjson_session_cut_on_the_events_endpoint_says_why(relay: Relay) -> None:
+    """/events speaks SSE whatever the session's framing, so its cut carries the SSE comment."""
+    log = relay.session(b'{"a": 1}\n', content_type="application/x-ndjson")
+    received = b""
+    async with (
+        asyncio.timeout(TIMEOUT_S),
+        aiohttp.ClientSession() as client,
+        client.get(f"{relay.http}/relay/v1/sessions/{log.session_id}/events") as response,
+    ):
+        await relay.readers_become(log.session_id, 1)
+        log.drop("evicted")  # the store let go of it: the reader is cut
+        with pytest.raises(aiohttp.ClientPayloadError):  # no final chunk
+            async for chunk in response.content.iter_any():
+                received += chunk
+    assert received.endswith(f": relay: session {log.session_id} was evicted\n\n".encode())
