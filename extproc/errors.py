@@ -2,11 +2,13 @@
 
     RelayError
     ├── InvalidArgument         400  INVALID_ARGUMENT   a malformed session id, share token or ttl
-    │   └── MalformedEventId    400  INVALID_ARGUMENT   a Last-Event-ID / ?after= we never issued
+    │   └── MalformedEventId    400  INVALID_ARGUMENT   an event id that is malformed, another
+    │                                                   session's, or not sent yet
     ├── Unauthenticated         401  UNAUTHENTICATED    Envoy's identity cannot be read losslessly
     ├── SessionNotFound         404  NOT_FOUND          unknown id, or one the caller may not read
     │   └── AccessDenied        404  NOT_FOUND          (the latter, told apart only in metrics)
-    ├── SessionGone             410  NOT_FOUND          existed, but expired or evicted
+    ├── SessionGone             410  NOT_FOUND          existed, but expired or evicted; or an
+    │                                                   id past a finished session's end
     ├── OriginNotAllowed        403  PERMISSION_DENIED  a WebSocket from an origin not granted (*)
     ├── SessionConflict         409  FAILED_PRECONDITION not possible in the session's state, or
     │                                                   a resume that is not the session's request

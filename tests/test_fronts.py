@@ -14,9 +14,12 @@ import aiohttp
 import grpc
 import pytest
 from aiohttp import web
+from multidict import CIMultiDict
 
-from extproc.access.quota import SessionQuota
+from extproc.access.grants import Access
+from extproc.access.quota import UNCOUNTED, SessionQuota
 from extproc.detached.generations import DetachSettings, Generations
+from extproc.errors import SessionNotFound
 from extproc.node.metrics import RelayMetrics
 from extproc.proto.relay.v1 import relay_pb2_grpc
 from extproc.proto.relay.v1.relay_pb2 import SubscribeRequest, SubscribeResponse
@@ -25,7 +28,7 @@ from extproc.readers.app import make_app
 from extproc.readers.http import Node
 from extproc.readers.registry import SHARE_CHECK_S, ReaderLimits, ReaderRegistry
 from extproc.session.framing import framing_of, new_framer
-from extproc.session.log import EndState, SessionLog, WritePath
+from extproc.session.log import Cursor, EndState, SessionLog, WritePath
 from extproc.session.writer import SessionWriter
 from extproc.store import MemoryStore
 from extproc.vocabulary import ReaderProtocol
@@ -345,3 +348,149 @@ async def _read_as(
         except grpc.aio.AioRpcError as error:
             return "cut" if error.code() == grpc.StatusCode.NOT_FOUND else repr(error)
         return "ended"
+
+
+@dataclass
+class Upstream:
+    url: str
+    gone: asyncio.Event  # set once the relay's upstream request has gone away
+
+
+@pytest.fixture
+async def endless_upstream() -> AsyncIterator[Upstream]:
+    """An LLM that opens with one event too large for the relay, then streams on for ~10 s."""
+    gone = asyncio.Event()
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        try:
+            await response.write(b"data: " + b"x" * 2048 + b"\n\n")
+            for n in range(200):
+                await asyncio.sleep(0.05)
+                await response.write(b'data: {"n": %d}\n\n' % n)
+        finally:
+            gone.set()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", stream)
+    runner = web.AppRunner(app, handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield Upstream(f"http://127.0.0.1:{runner.addresses[0][1]}", gone)
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_detached_generation_stops_once_its_log_has_ended(
+    endless_upstream: Upstream,
+) -> None:
+    """A log the writer failed (an event over the limit here; the log limit alike) takes no more
+    events: the LLM call stops at once, not a grace later, and its quota slot is free."""
+    metrics = RelayMetrics()
+    store = MemoryStore(metrics=metrics)
+    settings = DetachSettings(egress_url=endless_upstream.url)
+    generations = Generations(store, settings, metrics, max_event_bytes=1024)
+    quota = SessionQuota()
+    try:
+        async with asyncio.timeout(TIMEOUT_S):
+            response = await generations.open("POST", "/v1/chat/completions", CIMultiDict(), b"{}")
+            slot = quota.reserve("alice")
+            log = generations.start(response, owner="alice", slot=slot, request_key="")
+            assert log is not None
+            await endless_upstream.gone.wait()  # ~10 s if the generation reads on
+        assert log.state is EndState.FAILED
+        assert generations.running == 0 and quota.open("alice") == 0
+    finally:
+        await generations.close()
+
+
+class _SlowRemoteReaders(MemoryStore):
+    """A shared store's reader count: answered only once the test says so."""
+
+    def __init__(self, metrics: RelayMetrics) -> None:
+        super().__init__(metrics=metrics)
+        self.asked, self.answer = asyncio.Event(), asyncio.Event()
+
+    async def remote_readers(self, session_id: str) -> int:
+        self.asked.set()
+        await self.answer.wait()
+        return 0
+
+
+async def test_a_reader_that_comes_and_goes_during_the_grace_check_gets_a_full_grace(
+    endless_upstream: Upstream,
+) -> None:
+    """The grace ran out and other nodes are being asked; a reader attaches and leaves
+    meanwhile: its leaving starts a new grace, which the pending check must not cut short."""
+    metrics = RelayMetrics()
+    store = _SlowRemoteReaders(metrics)
+    grace_s = 1.0
+    settings = DetachSettings(egress_url=endless_upstream.url, detach_grace=grace_s)
+    generations = Generations(store, settings, metrics, max_event_bytes=1 << 20)
+    try:
+        async with asyncio.timeout(TIMEOUT_S):
+            response = await generations.open("POST", "/v1/chat/completions", CIMultiDict(), b"{}")
+            log = generations.start(response, owner="", slot=UNCOUNTED, request_key="")
+            assert log is not None
+            await store.asked.wait()  # the first grace is over: asking the other nodes
+            generations.readers_changed(log.session_id, 1)
+            generations.readers_changed(log.session_id, 0)  # left again: a new grace
+            store.answer.set()  # no reader elsewhere
+            await asyncio.sleep(grace_s / 4)
+            assert log.state is EndState.OPEN, log.reason
+            while log.state is EndState.OPEN:  # until the new grace runs out
+                await log.wait_beyond(log.last_seq)
+        assert (log.state, log.reason) == (EndState.CANCELLED, f"no reader for {grace_s:g}s")
+    finally:
+        await generations.close()
+
+
+async def test_a_share_check_that_fails_unexpectedly_does_not_end_the_watch() -> None:
+    """One failed check (a bug, a record the store cannot parse) says nothing either way; the
+    next one still cuts a reader whose token was revoked. A dead watch would cut no one, ever."""
+    metrics = RelayMetrics()
+    log = MemoryStore(metrics=metrics).create(
+        content_type="text/event-stream", write_path=WritePath.INLINE, owner=_owner("key:alice")
+    )
+    registry = ReaderRegistry(ReaderLimits(), metrics)
+    checks = 0
+
+    async def revoked_after_a_failure(shares: set[tuple[str, str]]) -> set[tuple[str, str]]:
+        nonlocal checks
+        checks += 1
+        if checks == 1:
+            raise ValueError("could not convert string to float: 'garbage'")
+        return set()  # revoked meanwhile, on another node
+
+    bob = Access.of(_owner("key:bob"), "tokenid.secret")
+    with registry.attach(Cursor(log, 0), ReaderProtocol.SSE, bob) as reader:
+        watcher = asyncio.create_task(registry.watch_shares(revoked_after_a_failure))
+        try:
+            async with asyncio.timeout(TIMEOUT_S):
+                with pytest.raises(SessionNotFound):
+                    async for _ in reader.batches():
+                        pass
+        finally:
+            watcher.cancel()
+    assert checks == 2
+
+
+async def test_an_ndjson_session_cut_on_the_events_endpoint_says_why(relay: Relay) -> None:
+    """/events speaks SSE whatever the session's framing, so its cut carries the SSE comment."""
+    log = relay.session(b'{"a": 1}\n', content_type="application/x-ndjson")
+    received = b""
+    async with (
+        asyncio.timeout(TIMEOUT_S),
+        aiohttp.ClientSession() as client,
+        client.get(f"{relay.http}/relay/v1/sessions/{log.session_id}/events") as response,
+    ):
+        await relay.readers_become(log.session_id, 1)
+        log.drop("evicted")  # the store let go of it: the reader is cut
+        with pytest.raises(aiohttp.ClientPayloadError):  # no final chunk
+            async for chunk in response.content.iter_any():
+                received += chunk
+    assert received.endswith(f": relay: session {log.session_id} was evicted\n\n".encode())

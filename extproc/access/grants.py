@@ -36,7 +36,7 @@ class ShareRecord:
 class Access:
     """What a request presents: Envoy's identity for it, and a share token if any."""
 
-    identity: str = ""  # the caller's owner key (extproc/identity.py); "" when auth is off
+    identity: str = ""  # the caller's owner key (access/identity.py); "" when auth is off
     share_token: str = ""
     owner_only: bool = False  # cancel and minting shares: the owner, never a token
     unchecked: bool = False  # the relay's own lookups, never a client's

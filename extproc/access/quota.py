@@ -1,9 +1,10 @@
 """Open generations per identity, on this relay node: one check-and-reserve, so concurrent
 requests of one caller cannot all pass the check before any of them is counted.
 
-A slot is reserved before the upstream is called (inline: at the request headers; detached:
-before the relay's own upstream request) and given back when that exchange ends, whether or
-not it became a session. A refused request never reaches the upstream.
+A generation's slot is reserved before the upstream is called (inline: at the request headers;
+detached: before the relay's own upstream request), so a refused generation never reaches the
+upstream; a stream on any other route takes its slot when its response headers arrive. A slot
+is given back when that exchange ends, whether or not it became a session.
 """
 
 from __future__ import annotations

@@ -1,12 +1,13 @@
 """Which headers cross the relay on the detached path, in each direction.
 
 The relay is a proxy here: what it does not own passes through, so a client sees what the
-inline path (Envoy alone) would show it. Hop-by-hop headers (RFC 9110 §7.6.1: the fixed list
-and any that `Connection` names) describe one connection, never the message, so they stay
-behind in both directions; the relay's own and Envoy's internal headers never reach the LLM.
-Changed on purpose: `Accept-Encoding` (the relay must read the stream as written; Envoy
-compresses toward clients that accept it) and, on a logged stream, `Content-Length` (the body
-gains `id:` lines).
+inline path (Envoy alone) would show it. Hop-by-hop headers (RFC 9110 §7.6.1: its list and
+any that `Connection` names; also `Trailer`, as the relay passes no trailers on) describe one
+connection, never the message, so they stay behind in both directions; the relay's own and
+Envoy's internal headers never reach the LLM. Changed on purpose: `Accept-Encoding` (the relay
+must read the stream as written; Envoy compresses toward clients that accept it), `Expect`
+(the relay has read the whole body before it calls) and, on a logged stream, `Content-Length`
+(the body gains `id:` lines).
 """
 
 from __future__ import annotations

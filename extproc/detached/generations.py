@@ -129,8 +129,8 @@ class Generations:
             elsewhere = await self._store.remote_readers(session_id)
         except StoreUnavailable:
             elsewhere = 1
-        if generation.readers:  # a reader came back while we asked
-            return
+        if generation.readers or generation.grace_timer is not None:
+            return  # a reader came back while we asked (and may have left: a new grace runs)
         if elsewhere:
             self.readers_changed(session_id, 0)  # look again after another grace
             return
@@ -201,13 +201,19 @@ class Generations:
         generation.slot.release()
 
     async def _produce(self, writer: SessionWriter, response: aiohttp.ClientResponse) -> None:
+        log = writer.log
         try:
             async for chunk in response.content.iter_any():
                 writer.feed(chunk)
+                if log.state is not EndState.OPEN or log.gone_reason:
+                    # Failed by the writer (an event or the log over its limit) or dropped
+                    # (evicted): no reader can get the rest, so the LLM call stops here
+                    # instead of running on, unread and billed, until the grace runs out.
+                    return
             writer.close()
         except asyncio.CancelledError as exc:
-            self._store.end(writer.log, EndState.CANCELLED, str(exc.args[0]) if exc.args else "")
+            self._store.end(log, EndState.CANCELLED, str(exc.args[0]) if exc.args else "")
         except (aiohttp.ClientError, OSError) as exc:
-            self._store.end(writer.log, EndState.FAILED, f"upstream connection lost: {exc!r}")
+            self._store.end(log, EndState.FAILED, f"upstream connection lost: {exc!r}")
         finally:
             response.close()

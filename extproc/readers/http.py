@@ -22,7 +22,7 @@ from extproc.readers.registry import ReaderRegistry
 from extproc.session.ids import LAST_EVENT_ID_HEADER, SESSION_HEADER, EventId, is_session_id
 from extproc.session.log import Cursor, SessionLog
 from extproc.store.base import SessionStore
-from extproc.vocabulary import Framing, ReaderProtocol
+from extproc.vocabulary import ReaderProtocol
 
 AFTER_QUERY = "after"  # ?after=<event id>, for readers that cannot set Last-Event-ID
 
@@ -121,11 +121,12 @@ def stream_headers(log: SessionLog, content_type: str) -> dict[str, str]:
 
 
 async def cut(
-    request: web.Request, response: web.StreamResponse, log: SessionLog, why: str
+    request: web.Request, response: web.StreamResponse, why: str, *, event_stream: bool
 ) -> None:
     """End a started response without its final chunk, which every HTTP client reports as
-    an incomplete body; on an event stream an SSE comment first tells a human why."""
-    if log.framing is Framing.SSE:
+    an incomplete body; on an event stream (`event_stream`: what the response is, whatever
+    the log's framing) an SSE comment first tells a human why."""
+    if event_stream:
         await response.write(f": relay: {why}\n\n".encode())
     if request.transport is not None:
         request.transport.close()

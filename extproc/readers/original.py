@@ -30,7 +30,7 @@ from extproc.readers.http import (
 from extproc.session.ids import LAST_EVENT_ID_HEADER
 from extproc.session.log import Cursor, EndState
 from extproc.session.request_key import RequestKeyBuilder
-from extproc.vocabulary import ReaderProtocol
+from extproc.vocabulary import Framing, ReaderProtocol
 
 
 async def stream_cursor(
@@ -45,6 +45,7 @@ async def stream_cursor(
     detached generation also gets the upstream's response headers (`upstream_headers`); a
     resume is the relay's answer and carries the relay's."""
     log = cursor.log
+    event_stream = log.framing is Framing.SSE  # the response is what the upstream spoke
     readers = node_of(request).readers
     with readers.attach(
         cursor, ReaderProtocol.HTTP, access, identity_counted=identity_counted
@@ -58,10 +59,11 @@ async def stream_cursor(
             async for _, batch in reader.batches():
                 await response.write(b"".join(batch))  # drains: the reader sets the pace
         except RelayError as exc:  # gone, or no longer readable (a revoked share token)
-            await cut(request, response, log, exc.message)
+            await cut(request, response, exc.message, event_stream=event_stream)
             return response
     if log.state is not EndState.DONE:
-        await cut(request, response, log, f"session {log.state}: {log.reason or 'no reason'}")
+        why = f"session {log.state}: {log.reason or 'no reason'}"
+        await cut(request, response, why, event_stream=event_stream)
         return response
     await response.write_eof()
     return response

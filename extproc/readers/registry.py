@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
@@ -19,6 +20,8 @@ from extproc.errors import ConfigError, LimitExceeded, SessionNotFound, StoreUna
 from extproc.node.metrics import RelayMetrics
 from extproc.session.log import Cursor, EndState
 from extproc.vocabulary import ReaderProtocol
+
+log = logging.getLogger("stream_relay.readers")
 
 DEFAULT_MAX_READERS_PER_SESSION = 1000
 DEFAULT_MAX_READERS_PER_IDENTITY = 256  # attached at once, per relay node
@@ -178,7 +181,8 @@ class ReaderRegistry:
 
     async def watch_shares(self, still_valid: ShareCheck) -> None:
         """Every SHARE_CHECK_S, cut readers whose share token was revoked (on any node) or has
-        expired; runs until cancelled. A store that cannot answer cuts no one."""
+        expired; runs until cancelled. A check that fails (a store that cannot answer) cuts no
+        one; the next one asks again."""
         while True:
             await asyncio.sleep(SHARE_CHECK_S)
             shares = {r.share for r in self._readers if r.share is not None}
@@ -187,6 +191,9 @@ class ReaderRegistry:
             try:
                 valid = await still_valid(shares)
             except StoreUnavailable:  # the store's own error metrics say what failed
+                continue
+            except Exception:  # a bug must not end the watch: no token would be cut any more
+                log.exception("share token check failed")
                 continue
             self._cut(shares - valid)
 

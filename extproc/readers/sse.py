@@ -58,7 +58,7 @@ async def events(request: web.Request) -> web.StreamResponse:
                     b"".join(sse_event(log, first + i, raw) for i, raw in enumerate(batch))
                 )
         except RelayError as exc:  # gone, or no longer readable (a revoked share token)
-            await cut(request, response, log, exc.message)
+            await cut(request, response, exc.message, event_stream=True)
             return response
         await response.write(end_event(log))
         await response.write_eof()
