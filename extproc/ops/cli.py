@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from extproc.demo import upstream as demo_upstream
 from extproc.errors import ConfigError
@@ -40,6 +40,9 @@ from extproc.ops.stack_state import StackState
 from extproc.ops.status import DEFAULT_INTERVAL_S
 from extproc.store import MEMORY, RedisSettings
 from extproc.vocabulary import WritePath
+
+if TYPE_CHECKING:
+    from extproc.ops.supervisor import StackOptions
 
 USAGE_ERROR = 2
 
@@ -228,8 +231,8 @@ def _store_label(url: str) -> str:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from extproc.ops.supervision import Supervisor
-    from extproc.ops.supervisor import StackOptions, StartupError, start_stack
+    from extproc.ops.supervision import stop_signals_held
+    from extproc.ops.supervisor import StackOptions
 
     if args.upstream is not None:
         problem = Upstream.from_url(args.upstream).unreachable()  # fail fast, warn early
@@ -257,8 +260,25 @@ def _up(args: argparse.Namespace) -> int:
         security=security,
         upstream_key_file=args.upstream_key_file,
     )
+    with stop_signals_held():  # from here on a stop signal stops what started, at any point
+        return _run_stack(args, options, security, wanted)
+
+
+def _run_stack(
+    args: argparse.Namespace,
+    options: StackOptions,
+    security: EnvoySecurity,
+    wanted: list[WantedPort],
+) -> int:
+    """Start the stack and supervise it until it stops; the exit status of `up`."""
+    from extproc.ops.supervision import Supervisor
+    from extproc.ops.supervisor import StartupError, StopRequested, start_stack
+
     try:
         stack = start_stack(options)
+    except StopRequested:  # what started is stopped and its directories removed
+        print("stream-relay: stopped", flush=True)
+        return 0
     except StartupError as exc:
         busy = busy_port_in_log(str(exc), wanted)  # taken between the check and Envoy's bind
         if busy is not None:

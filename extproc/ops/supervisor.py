@@ -41,8 +41,24 @@ _PR_SET_PDEATHSIG = 1
 RELAY = "relay"  # the name of the first relay node; the others are relay-2, relay-3, ...
 
 
+STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
+
+
 class StartupError(RuntimeError):
     """A child failed to start or become healthy; the message says which and why."""
+
+
+class StopRequested(Exception):
+    """A stop signal came while the stack was starting (`up` holds them blocked meanwhile)."""
+
+
+def _check_stop_requested() -> None:
+    """Raise StopRequested when a stop signal waits: `up` blocks them while it starts the
+    stack, so one is noticed here, between steps (never in the middle of starting a child),
+    and start_stack stops what started. Where they are not blocked none is ever pending."""
+    pending = signal.sigpending() & STOP_SIGNALS
+    if pending:
+        raise StopRequested(", ".join(sorted(sig.name for sig in pending)))
 
 
 def envoy_binary() -> str:
@@ -198,6 +214,7 @@ def _signal_and_wait(children: list[Child], sig: signal.Signals, timeout: float)
 def wait_until(what: str, child: Child, probe: Callable[[], bool]) -> None:
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
+        _check_stop_requested()
         if child.process.poll() is not None:
             raise StartupError(
                 f"{child.name} exited with status {child.process.returncode} "
