@@ -273,6 +273,23 @@ def test_config_files_hold_the_same_settings_as_flags(
     assert len(lines) == 1 and names in lines[0], err
 
 
+@pytest.mark.parametrize("command", ["up", "serve"])
+def test_a_config_file_is_never_silently_left_unread(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, command: str
+) -> None:
+    """`--config=FILE` is `--config FILE`; an abbreviation argparse would accept (`--conf`) is
+    refused. Both were accepted and the file never read."""
+    path = tmp_path / "relay.toml"
+    path.write_text("bogus = 1\n")
+    status, _, err = run_main(capsys, command, f"--config={path}")
+    assert status == 2, err
+    assert "unknown setting 'bogus'" in err
+    demo = ["--demo"] if command == "up" else []
+    status, _, err = run_main(capsys, command, *demo, "--conf", str(path))
+    assert status == 2, err
+    assert err.count("\n") == 1 and "--config" in err
+
+
 @contextlib.contextmanager
 def held_port(*, reuse_port: bool = False) -> Iterator[int]:
     """A loopback port with a listener on it (with SO_REUSEPORT, as another Envoy holds it)."""

@@ -345,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(flags.config_argv(parser, argv))
+        if getattr(args, "config", None) is not None:  # an abbreviation: the file is unread
+            parser.error("--config: spell the flag out (--config FILE)")
     except SystemExit as exit:  # argparse's way out: a usage error (2), or --help (0)
         return exit.code if isinstance(exit.code, int) else USAGE_ERROR
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

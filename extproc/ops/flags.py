@@ -251,12 +251,17 @@ def config_argv(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
     """`up`/`serve --config FILE`: the TOML file's settings become flags placed before the
     command line's own, so a flag given on the command line wins. Keys are the long flag names
     (`store = "redis://..."`, `max-readers-per-session = 50`, `demo = true`, `tls = [c, k]`)."""
-    if argv[:1] not in ([c] for c in CONFIG_COMMANDS) or "--config" not in argv:
+    if argv[:1] not in ([c] for c in CONFIG_COMMANDS):
         return argv
-    at = argv.index("--config")
-    if at + 1 >= len(argv):
-        parser.error("argument --config: expected a file")
-    path = Path(argv[at + 1])
+    at = next((i for i, a in enumerate(argv) if a == "--config" or a.startswith("--config=")), 0)
+    if not at:
+        return argv
+    _, joined, value = argv[at].partition("=")  # `--config FILE` or `--config=FILE`
+    if not joined:
+        if at + 1 >= len(argv):
+            parser.error("argument --config: expected a file")
+        value = argv[at + 1]
+    path = Path(value)
     try:
         settings = tomllib.loads(path.read_text())
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
@@ -277,7 +282,7 @@ def config_argv(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
             flags += [flag, str(value)]
         else:
             parser.error(f"--config {path}: {key} must be a string, number, boolean or list")
-    rest = argv[1:at] + argv[at + 2 :]
+    rest = argv[1:at] + argv[at + (1 if joined else 2) :]
     return [argv[0], *flags, *rest]
 
 
