@@ -155,7 +155,7 @@ def render(
     security: EnvoySecurity | None = None,
 ) -> str:
     """The config for one stack; `security` adds authentication, TLS, the LLM credential and
-    Envoy's limits (extproc/envoy_security.py). Without it the template renders as before."""
+    Envoy's limits (extproc/ops/envoy_security.py). Without it the template renders as before."""
     if write_path not in tuple(WritePath):
         choices = ", ".join(WritePath)
         raise ConfigError(f"write path must be one of {choices}, got {write_path!r}")
@@ -202,8 +202,8 @@ _WHERE = {
 # your own LLM routes.""",
     "llm_route_typed_per_filter_config": """\
 # Add to each of YOUR LLM routes: the filter above is off unless a route turns it on, so the
-# relay tags their event streams and re-routes resumes (Last-Event-ID) there, and sees nothing
-# of your other routes. Give those routes `timeout: 0s` too (Envoy's default 15 s cuts streams).""",
+# relay tags their event streams (resumes are route relay_resume's alone) and sees nothing of
+# your other routes. Give those routes `timeout: 0s` too (Envoy's default 15 s cuts streams).""",
     "listeners": """\
 # Add to static_resources.listeners; the relay's --egress-url points at it.""",
     "clusters": """\

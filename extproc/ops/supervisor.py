@@ -297,7 +297,8 @@ def start_envoy(stack: Stack, config_path: Path, *, log_level: str = "warning") 
 
 
 def free_port() -> int:
-    """A port free right now, for the one listener the relay must know before Envoy starts."""
+    """A loopback port free right now, for a harness that must name a port before its server
+    starts (`up` itself needs none: Envoy reaches its relay nodes over Unix sockets)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
