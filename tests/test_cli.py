@@ -58,6 +58,8 @@ def banner_url(banner: str, name: str) -> str:
         (["up", "--demo", "--upstream", "http://x"], "--upstream"),
         (["up", "--demo", "--port", "70000"], "--port"),
         (["up", "--demo", "--port", "eighty"], "--port"),
+        (["up", "--demo", "--listen-address", "localhost"], "--listen-address"),
+        (["up", "--demo", "--listen-address", "10.0.0.300"], "--listen-address"),
         (["up", "--demo", "--demo-rate", "-1"], "--demo-rate"),
         (["up", "--upstream", "ftp://example.org"], "--upstream"),
         (["up", "--upstream", "http://example.org/v1"], "--upstream"),

@@ -104,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument(
         "--listen-address",
+        type=flags.ip_address,
         default="127.0.0.1",
-        help="address of the public listener (default 127.0.0.1)",
+        help="IP address of the public listener (default 127.0.0.1; 0.0.0.0 or :: for all)",
     )
     up.add_argument(
         "--demo-rate",

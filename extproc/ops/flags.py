@@ -6,6 +6,7 @@ file (`--config FILE`) that holds the same settings. Each flag's name is its set
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import tomllib
 from pathlib import Path
 
@@ -42,6 +43,15 @@ def port(text: str) -> int:
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"port out of range 0..65535: {value}")
     return value
+
+
+def ip_address(text: str) -> str:
+    """An IP address literal: Envoy's listener addresses take no host names."""
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an IP address: {text!r}") from None
+    return text
 
 
 def positive(kind: type[int] | type[float]) -> argparse._ActionType:
