@@ -37,7 +37,7 @@ from extproc.ops.envoy_security import (
 )
 from extproc.ops.ports import WantedPort, busy_port_in_log, refuse_busy
 from extproc.ops.stack_state import StackState
-from extproc.ops.status import DEFAULT_INTERVAL_S
+from extproc.ops.status import DEFAULT_INTERVAL_S, DEFAULT_METRICS_URL
 from extproc.store import MEMORY, RedisSettings
 from extproc.vocabulary import WritePath
 
@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-url",
         metavar="URL",
         help="a relay node's /metrics (default: that of the stack `stream-relay up` runs "
-        "for this user, else http://127.0.0.1:8081/metrics)",
+        f"for this user, else {DEFAULT_METRICS_URL})",
     )
     status.add_argument(
         "--interval",
