@@ -222,6 +222,25 @@ def test_up_with_an_upstream_that_is_not_there_warns_and_still_starts() -> None:
             assert process.wait(timeout=30) == 0
 
 
+def test_up_on_the_ipv6_wildcard_prints_a_base_url_that_answers() -> None:
+    """`--listen-address ::` renders (a bare `::` was no YAML) and its base URL is [::1]:
+    Envoy's `::` listener is IPv6 only, so the 127.0.0.1 it printed refused connections."""
+    process = subprocess.Popen(
+        [*CLI, "up", "--demo", "--listen-address", "::", "--port", "0", "--admin-port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        banner = read_banner(process)
+        base = banner_url(banner, "base URL")
+        assert base.startswith("http://[::1]:"), banner
+        assert httpx.get(f"{base}/relay/v1/demo/", timeout=30).status_code == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+
+
 @pytest.mark.parametrize(
     "upstream", ["http://127.0.0.1:8000", "https://api.openai.com", "http://ollama.internal:11434"]
 )
@@ -239,6 +258,30 @@ def test_rendered_envoy_config_validates(tmp_path: Path, upstream: str) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "OK" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(("listen", "upstream"), [("::", "http://[::1]:8000"), ("::1", None)])
+def test_rendered_envoy_config_takes_ipv6_addresses(
+    tmp_path: Path, listen: str, upstream: str | None
+) -> None:
+    """`up --listen-address ::` and an IPv6 upstream render YAML Envoy accepts (a bare `::` in
+    a flow mapping is no YAML: Envoy refused to start)."""
+    ports = EnvoyPorts(
+        listen_address=listen,
+        listen_port=8080,
+        admin_port=9901,
+        relay_grpc_port=50051,
+        relay_http_port=8081,
+    )
+    config = tmp_path / "envoy.yaml"
+    config.write_text(render(ports, Upstream.from_url(upstream or "http://127.0.0.1:8000")))
+    result = subprocess.run(
+        [envoy_binary(), "--mode", "validate", "-c", str(config), "--disable-hot-restart"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_envoy_config_command_prints_the_same_config(capsys: pytest.CaptureFixture[str]) -> None:

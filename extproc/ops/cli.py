@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--listen-address",
         type=flags.ip_address,
         default="127.0.0.1",
-        help="IP address of the public listener (default 127.0.0.1; 0.0.0.0 or :: for all)",
+        help="IP address of the public listener (default 127.0.0.1; 0.0.0.0: all IPv4, "
+        ":: all IPv6)",
     )
     up.add_argument(
         "--demo-rate",

@@ -126,8 +126,14 @@ class EnvoyPorts:
         return _tcp("127.0.0.1", self.egress_port)
 
 
+def _address(host: str) -> str:
+    """An address as a YAML flow scalar: an IPv6 one is quoted (a bare `::` ends the mapping's
+    key), the others stay bare, as the template writes them."""
+    return json.dumps(host) if ":" in host else host
+
+
 def _tcp(host: str, port: int) -> str:
-    return f"socket_address: {{ address: {host}, port_value: {port} }}"
+    return f"socket_address: {{ address: {_address(host)}, port_value: {port} }}"
 
 
 def _pipe(path: str, *, mode: int | None = None) -> str:
@@ -165,12 +171,12 @@ def render(
         GENERATION_WRITE_PATH=write_path,
         GENERATION_PATHS=json.dumps(GENERATION_PATHS),  # a JSON string is a YAML scalar
         ADMIN_PORT=ports.admin_port,
-        LISTEN_ADDRESS=ports.listen_address,
+        LISTEN_ADDRESS=_address(ports.listen_address),
         LISTEN_PORT=ports.listen_port,
         RELAY_GRPC_ENDPOINTS=ports.relay_endpoints(0),
         RELAY_HTTP_ENDPOINTS=ports.relay_endpoints(1),
         MAX_CLUSTER_REQUESTS=max_connections,
-        LLM_HOST=upstream.host,
+        LLM_HOST=_address(upstream.host),
         LLM_PORT=upstream.port,
         LLM_DISCOVERY="STATIC" if upstream.is_ip else "STRICT_DNS",
         LLM_TLS=_TLS_BLOCK.format(host=upstream.host) if upstream.tls else "",

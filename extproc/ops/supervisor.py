@@ -385,10 +385,11 @@ def _start(stack: Stack, options: StackOptions) -> None:
     # A restarted Envoy must come back on the same public port, even if any port was asked.
     ports = dataclasses.replace(ports, listen_port=port)
     write_config()
-    public_host = options.listen_address
-    if public_host in ("0.0.0.0", "::"):
-        public_host = "127.0.0.1"  # a wildcard listener is reachable on loopback
-    elif ":" in public_host:
+    # A wildcard listener is reachable on loopback: Envoy's `::` one on IPv6 only.
+    public_host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(
+        options.listen_address, options.listen_address
+    )
+    if ":" in public_host:
         public_host = f"[{public_host}]"
     scheme = "https" if security is not None and security.tls is not None else "http"
     stack.base_url = f"{scheme}://{public_host}:{port}"
