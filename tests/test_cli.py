@@ -21,6 +21,7 @@ from extproc.node.config import RELAY_FLAGS, NodeSettings
 from extproc.ops.cli import _relay_argv, build_parser, main
 from extproc.ops.envoy_render import EnvoyPorts, Upstream, render
 from extproc.ops.envoy_security import EnvoySecurity
+from extproc.ops.flags import config_argv
 from extproc.ops.ports import WantedPort, busy_port_in_log, in_use
 from extproc.ops.supervisor import Stack, StartupError, envoy_binary, start_envoy
 
@@ -316,6 +317,20 @@ def test_config_files_hold_the_same_settings_as_flags(
     assert status == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and names in lines[0], err
+
+
+def test_a_list_flag_on_the_command_line_wins_over_the_config_file(tmp_path: Path) -> None:
+    """`--cors-origin` extends: without care the file's origins and the command line's were
+    both granted, though the command line wins for every other flag."""
+    path = tmp_path / "relay.toml"
+    path.write_text('cors-origin = ["https://file.example"]\nport = 1234\n')
+    parser = build_parser()
+    argv = ["up", "--demo", "--config", str(path), "--cors-origin", "https://flag.example"]
+    args = parser.parse_args(config_argv(parser, argv))
+    assert args.cors_origin == ["https://flag.example"]
+    assert args.port == 1234
+    args = parser.parse_args(config_argv(parser, ["up", "--demo", "--config", str(path)]))
+    assert args.cors_origin == ["https://file.example"]
 
 
 @pytest.mark.parametrize("command", ["up", "serve"])

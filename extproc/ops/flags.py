@@ -277,11 +277,15 @@ def config_argv(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         parser.error(f"--config {path}: {exc}")
     known = _long_flags(parser, argv[0])
+    rest = argv[1:at] + argv[at + (1 if joined else 2) :]
+    given = {arg.partition("=")[0] for arg in rest if arg.startswith("--")}
     flags: list[str] = []
     for key, value in settings.items():
         flag = f"--{key}"
         if flag not in known or key == "config":
             parser.error(f"--config {path}: unknown setting {key!r}")
+        if flag in given:
+            continue  # the command line wins, also for a flag that adds up (--cors-origin)
         if value is True:
             flags.append(flag)
         elif value is False:
@@ -292,7 +296,6 @@ def config_argv(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
             flags += [flag, str(value)]
         else:
             parser.error(f"--config {path}: {key} must be a string, number, boolean or list")
-    rest = argv[1:at] + argv[at + (1 if joined else 2) :]
     return [argv[0], *flags, *rest]
 
 
