@@ -177,12 +177,36 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("demo-upstream", help="run only the demo LLM upstream", add_help=False)
 
     config = commands.add_parser("envoy-config", help="print the Envoy config for your ports")
-    config.add_argument("--port", type=flags.port, default=8080)
-    config.add_argument("--admin-port", type=flags.port, default=9901)
-    config.add_argument("--relay-grpc-port", type=flags.port, default=DEFAULT_GRPC_PORT)
-    config.add_argument("--relay-http-port", type=flags.port, default=DEFAULT_HTTP_PORT)
-    config.add_argument("--egress-port", type=flags.port, default=10001)
-    config.add_argument("--write-path", choices=list(WritePath), default="detached")
+    config.add_argument(
+        "--port", type=flags.port, default=8080, help="public listener (default 8080)"
+    )
+    config.add_argument(
+        "--admin-port",
+        type=flags.port,
+        default=9901,
+        help="Envoy admin on 127.0.0.1 (default 9901)",
+    )
+    config.add_argument(
+        "--relay-grpc-port",
+        type=flags.port,
+        default=DEFAULT_GRPC_PORT,
+        help=f"the relay nodes' ext_proc gRPC port on 127.0.0.1 (default {DEFAULT_GRPC_PORT})",
+    )
+    config.add_argument(
+        "--relay-http-port",
+        type=flags.port,
+        default=DEFAULT_HTTP_PORT,
+        help=f"the relay nodes' HTTP port on 127.0.0.1 (default {DEFAULT_HTTP_PORT})",
+    )
+    config.add_argument(
+        "--egress-port",
+        type=flags.port,
+        default=10001,
+        help="the loopback listener the relay's --egress-url names (default 10001)",
+    )
+    flags.add_write_path_flag(
+        config, default=WritePath.DETACHED, what="the generations route's write path"
+    )
     config.add_argument("--upstream", metavar="URL", help="the LLM (required without --snippet)")
     config.add_argument(
         "--snippet",
