@@ -333,6 +333,16 @@ def test_a_list_flag_on_the_command_line_wins_over_the_config_file(tmp_path: Pat
     assert args.cors_origin == ["https://file.example"]
 
 
+def test_the_command_line_wins_over_the_file_across_exclusive_flags(tmp_path: Path) -> None:
+    """`upstream = ...` in the file and `--demo` on the command line: the command line's
+    choice, not "argument --demo: not allowed with argument --upstream"."""
+    path = tmp_path / "relay.toml"
+    path.write_text('upstream = "http://127.0.0.1:9000"\n')
+    parser = build_parser()
+    args = parser.parse_args(config_argv(parser, ["up", "--config", str(path), "--demo"]))
+    assert (args.demo, args.upstream) == (True, None)
+
+
 @pytest.mark.parametrize("command", ["up", "serve"])
 def test_a_config_file_is_never_silently_left_unread(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, command: str

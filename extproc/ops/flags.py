@@ -278,7 +278,7 @@ def config_argv(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
         parser.error(f"--config {path}: {exc}")
     known = _long_flags(parser, argv[0])
     rest = argv[1:at] + argv[at + (1 if joined else 2) :]
-    given = {arg.partition("=")[0] for arg in rest if arg.startswith("--")}
+    given = _overridden(parser, argv[0], {a.partition("=")[0] for a in rest if a[:2] == "--"})
     flags: list[str] = []
     for key, value in settings.items():
         flag = f"--{key}"
@@ -299,7 +299,23 @@ def config_argv(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
     return [argv[0], *flags, *rest]
 
 
-def _long_flags(parser: argparse.ArgumentParser, command: str) -> set[str]:
+def _command(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    sub = subparsers.choices[command]
+    sub: argparse.ArgumentParser = subparsers.choices[command]
+    return sub
+
+
+def _long_flags(parser: argparse.ArgumentParser, command: str) -> set[str]:
+    sub = _command(parser, command)
     return {s for action in sub._actions for s in action.option_strings if s.startswith("--")}
+
+
+def _overridden(parser: argparse.ArgumentParser, command: str, given: set[str]) -> set[str]:
+    """The flags the command line sets, with the others of an exclusive group one of them is
+    in (`--demo` overrides the file's `upstream`)."""
+    overridden = set(given)
+    for group in _command(parser, command)._mutually_exclusive_groups:
+        names = {s for action in group._group_actions for s in action.option_strings}
+        if names & given:
+            overridden |= names
+    return overridden
