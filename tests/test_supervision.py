@@ -361,3 +361,29 @@ def pids_mentioning(text: str) -> list[int]:
         if text in cmdline and state != "Z":
             found.append(int(entry.name))
     return found
+
+
+def test_up_that_cannot_print_its_banner_leaves_nothing_behind(
+    state_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A stdout that fails (a full disk, a closed pipe) once the stack is up: `up` stops the
+    stack and removes its directories instead of dying with them left in place."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [*CLI, "up", "--demo", "--port", "0", "--admin-port", "0"],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**state_env, "TMPDIR": str(temp)},
+            timeout=120,
+        )
+    assert result.returncode != 0, result.stderr
+    assert list(temp.iterdir()) == [], result.stderr
+    state_dir = Path(state_env["XDG_RUNTIME_DIR"]) / "stream-relay"
+    assert not state_dir.exists() or list(state_dir.iterdir()) == []
+    deadline = time.monotonic() + EVENT_TIMEOUT_S
+    while pids_mentioning(str(temp)):
+        assert time.monotonic() < deadline, pids_mentioning(str(temp))
+        time.sleep(0.05)  # polling other processes, bounded by the deadline

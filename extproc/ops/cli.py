@@ -311,19 +311,6 @@ def _run_stack(
             raise busy from None
         print(f"stream-relay: {exc}", file=sys.stderr)
         return 1
-    print(
-        f"stream-relay is up\n"
-        f"  base URL       {stack.base_url}        (OpenAI-compatible: {stack.base_url}/v1)\n"
-        f"  Envoy admin    {stack.admin_url}\n"
-        + "".join(f"  relay metrics  {url}/metrics\n" for url in stack.relay_http_urls)
-        + f"  session store  {_store_label(args.store)}\n"
-        f"  demo page      {stack.base_url}/relay/v1/demo/\n"
-        f"  upstream       {stack.upstream_url}{'  (demo)' if args.demo else ''}\n"
-        f"  logs           {stack.workdir}  (removed when the stack stops)\n"
-        f"{auth_line(security)}\n"
-        f"Ctrl-C stops everything.",
-        flush=True,
-    )
 
     def publish() -> None:
         stack_state.publish(
@@ -335,7 +322,25 @@ def _run_stack(
             )
         )
 
-    publish()
+    try:  # until the supervisor runs (it stops the stack as it ends), stop it here
+        print(
+            f"stream-relay is up\n"
+            f"  base URL       {stack.base_url}        (OpenAI-compatible: {stack.base_url}/v1)\n"
+            f"  Envoy admin    {stack.admin_url}\n"
+            + "".join(f"  relay metrics  {url}/metrics\n" for url in stack.relay_http_urls)
+            + f"  session store  {_store_label(args.store)}\n"
+            f"  demo page      {stack.base_url}/relay/v1/demo/\n"
+            f"  upstream       {stack.upstream_url}{'  (demo)' if args.demo else ''}\n"
+            f"  logs           {stack.workdir}  (removed when the stack stops)\n"
+            f"{auth_line(security)}\n"
+            f"Ctrl-C stops everything.",
+            flush=True,
+        )
+        publish()
+    except BaseException:  # e.g. a stdout that cannot be written: leave nothing behind
+        stack.stop()
+        stack_state.withdraw(os.getpid())
+        raise
     supervisor = Supervisor(
         stack,
         drain_timeout=args.drain_timeout,
