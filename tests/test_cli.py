@@ -75,6 +75,7 @@ def banner_url(banner: str, name: str) -> str:
         (["serve", "--store", "http://127.0.0.1:6379"], "--store"),
         (["serve", "--store", "redis://127.0.0.1:6379", "--node-lease", "0.1"], "--node-lease"),
         (["frobnicate"], "frobnicate"),
+        (["envoy-config", "--snippet", "--cors-origin", "https://a.example"], "--cors-origin"),
     ],
 )
 def test_bad_flags_print_one_line_and_exit_2(

@@ -419,6 +419,11 @@ def main(argv: list[str] | None = None) -> int:
         # Envoy's limits and identity-header stripping at their defaults; no authentication.
         security = EnvoySecurity(cors_origins=tuple(dict.fromkeys(args.cors_origin)))
         if args.snippet:
+            if args.cors_origin:  # the snippet has no CORS piece: it would be ignored
+                raise ConfigError(
+                    "--cors-origin is not part of --snippet: give your own Envoy its CORS "
+                    "policy (README: Browsers on other origins)"
+                )
             sys.stdout.write(
                 snippet(ports, upstream, write_path=args.write_path, security=security)
             )
