@@ -10,9 +10,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /src
-# What the wheel is built from (pyproject.toml force-includes envoy/ as package data).
+# What the wheel is built from (pyproject.toml force-includes envoy/ and the JS client, the
+# demo page's script, as package data: hatchling stops if one is missing).
 COPY pyproject.toml README.md ./
 COPY envoy/envoy.yaml ./envoy/envoy.yaml
+COPY clients/js/src/index.js ./clients/js/src/index.js
 COPY extproc ./extproc
 RUN pip install . && rm -rf /src
 

@@ -21,6 +21,7 @@ from extproc.node.config import RELAY_FLAGS, NodeSettings
 from extproc.ops.cli import _relay_argv, build_parser, main
 from extproc.ops.envoy_render import EnvoyPorts, Upstream, render
 from extproc.ops.envoy_security import EnvoySecurity
+from extproc.ops.flags import config_argv
 from extproc.ops.ports import WantedPort, busy_port_in_log, in_use
 from extproc.ops.supervisor import Stack, StartupError, envoy_binary, start_envoy
 
@@ -58,6 +59,8 @@ def banner_url(banner: str, name: str) -> str:
         (["up", "--demo", "--upstream", "http://x"], "--upstream"),
         (["up", "--demo", "--port", "70000"], "--port"),
         (["up", "--demo", "--port", "eighty"], "--port"),
+        (["up", "--demo", "--listen-address", "localhost"], "--listen-address"),
+        (["up", "--demo", "--listen-address", "10.0.0.300"], "--listen-address"),
         (["up", "--demo", "--demo-rate", "-1"], "--demo-rate"),
         (["up", "--upstream", "ftp://example.org"], "--upstream"),
         (["up", "--upstream", "http://example.org/v1"], "--upstream"),
@@ -72,6 +75,7 @@ def banner_url(banner: str, name: str) -> str:
         (["serve", "--store", "http://127.0.0.1:6379"], "--store"),
         (["serve", "--store", "redis://127.0.0.1:6379", "--node-lease", "0.1"], "--node-lease"),
         (["frobnicate"], "frobnicate"),
+        (["envoy-config", "--snippet", "--cors-origin", "https://a.example"], "--cors-origin"),
     ],
 )
 def test_bad_flags_print_one_line_and_exit_2(
@@ -220,6 +224,25 @@ def test_up_with_an_upstream_that_is_not_there_warns_and_still_starts() -> None:
             assert process.wait(timeout=30) == 0
 
 
+def test_up_on_the_ipv6_wildcard_prints_a_base_url_that_answers() -> None:
+    """`--listen-address ::` renders (a bare `::` was no YAML) and its base URL is [::1]:
+    Envoy's `::` listener is IPv6 only, so the 127.0.0.1 it printed refused connections."""
+    process = subprocess.Popen(
+        [*CLI, "up", "--demo", "--listen-address", "::", "--port", "0", "--admin-port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        banner = read_banner(process)
+        base = banner_url(banner, "base URL")
+        assert base.startswith("http://[::1]:"), banner
+        assert httpx.get(f"{base}/relay/v1/demo/", timeout=30).status_code == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+
+
 @pytest.mark.parametrize(
     "upstream", ["http://127.0.0.1:8000", "https://api.openai.com", "http://ollama.internal:11434"]
 )
@@ -237,6 +260,30 @@ def test_rendered_envoy_config_validates(tmp_path: Path, upstream: str) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "OK" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(("listen", "upstream"), [("::", "http://[::1]:8000"), ("::1", None)])
+def test_rendered_envoy_config_takes_ipv6_addresses(
+    tmp_path: Path, listen: str, upstream: str | None
+) -> None:
+    """`up --listen-address ::` and an IPv6 upstream render YAML Envoy accepts (a bare `::` in
+    a flow mapping is no YAML: Envoy refused to start)."""
+    ports = EnvoyPorts(
+        listen_address=listen,
+        listen_port=8080,
+        admin_port=9901,
+        relay_grpc_port=50051,
+        relay_http_port=8081,
+    )
+    config = tmp_path / "envoy.yaml"
+    config.write_text(render(ports, Upstream.from_url(upstream or "http://127.0.0.1:8000")))
+    result = subprocess.run(
+        [envoy_binary(), "--mode", "validate", "-c", str(config), "--disable-hot-restart"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_envoy_config_command_prints_the_same_config(capsys: pytest.CaptureFixture[str]) -> None:
@@ -271,6 +318,47 @@ def test_config_files_hold_the_same_settings_as_flags(
     assert status == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and names in lines[0], err
+
+
+def test_a_list_flag_on_the_command_line_wins_over_the_config_file(tmp_path: Path) -> None:
+    """`--cors-origin` extends: without care the file's origins and the command line's were
+    both granted, though the command line wins for every other flag."""
+    path = tmp_path / "relay.toml"
+    path.write_text('cors-origin = ["https://file.example"]\nport = 1234\n')
+    parser = build_parser()
+    argv = ["up", "--demo", "--config", str(path), "--cors-origin", "https://flag.example"]
+    args = parser.parse_args(config_argv(parser, argv))
+    assert args.cors_origin == ["https://flag.example"]
+    assert args.port == 1234
+    args = parser.parse_args(config_argv(parser, ["up", "--demo", "--config", str(path)]))
+    assert args.cors_origin == ["https://file.example"]
+
+
+def test_the_command_line_wins_over_the_file_across_exclusive_flags(tmp_path: Path) -> None:
+    """`upstream = ...` in the file and `--demo` on the command line: the command line's
+    choice, not "argument --demo: not allowed with argument --upstream"."""
+    path = tmp_path / "relay.toml"
+    path.write_text('upstream = "http://127.0.0.1:9000"\n')
+    parser = build_parser()
+    args = parser.parse_args(config_argv(parser, ["up", "--config", str(path), "--demo"]))
+    assert (args.demo, args.upstream) == (True, None)
+
+
+@pytest.mark.parametrize("command", ["up", "serve"])
+def test_a_config_file_is_never_silently_left_unread(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, command: str
+) -> None:
+    """`--config=FILE` is `--config FILE`; an abbreviation argparse would accept (`--conf`) is
+    refused. Both were accepted and the file never read."""
+    path = tmp_path / "relay.toml"
+    path.write_text("bogus = 1\n")
+    status, _, err = run_main(capsys, command, f"--config={path}")
+    assert status == 2, err
+    assert "unknown setting 'bogus'" in err
+    demo = ["--demo"] if command == "up" else []
+    status, _, err = run_main(capsys, command, *demo, "--conf", str(path))
+    assert status == 2, err
+    assert err.count("\n") == 1 and "--config" in err
 
 
 @contextlib.contextmanager

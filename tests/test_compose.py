@@ -8,6 +8,7 @@ import fnmatch
 import importlib.util
 import re
 import subprocess
+import tomllib
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -120,6 +121,21 @@ def test_dockerfile_copies_what_exists_and_is_not_ignored() -> None:
         for pattern in ignored:
             assert not fnmatch.fnmatch(source, pattern), f"{source} is ignored by {pattern}"
             assert not source.startswith(pattern.rstrip("/") + "/"), (source, pattern)
+
+
+def test_dockerfile_copies_every_file_the_wheel_build_needs() -> None:
+    """`pip install .` in the image builds the wheel from what the Dockerfile copied: every
+    file pyproject.toml force-includes must be among it, or the build stops."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    forced = pyproject["tool"]["hatch"]["build"]["targets"]["wheel"]["force-include"]
+    copies = re.findall(r"^COPY\s+(.+?)\s+\S+$", (ROOT / "Dockerfile").read_text(), re.M)
+    copied = [source.rstrip("/") for line in copies for source in line.split()]
+    for source in forced:
+        # The file itself, a directory holding it, or (a directory) some of its files.
+        present = [
+            c for c in copied if f"{source}/".startswith(f"{c}/") or c.startswith(f"{source}/")
+        ]
+        assert present, f"{source} (force-included in the wheel) is not copied by the Dockerfile"
 
 
 def test_compose_envoy_config_is_a_fresh_render_that_envoy_validates(

@@ -308,3 +308,82 @@ def test_up_leaves_no_work_directory_secret_or_socket_behind(
     assert not workdir.exists()
     assert not socket_dir.exists()
     assert list(state_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
+def test_up_stopped_while_it_starts_leaves_nothing_behind(
+    state_env: dict[str, str], tmp_path: Path, stop_signal: int
+) -> None:
+    """Ctrl-C or SIGTERM before the stack is up (a slow Envoy, a slow upstream) stops what
+    started and removes the work and socket directories, as a stop once it is up does."""
+    temp = tmp_path / "tmp"  # where `up` makes its directories (tempfile honours TMPDIR)
+    temp.mkdir()
+    process = subprocess.Popen(
+        [*CLI, "up", "--demo", "--port", "0", "--admin-port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**state_env, "TMPDIR": str(temp)},
+    )
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not list(temp.glob("stream-relay-*/demo-upstream.log")):  # its first child
+            assert time.monotonic() < deadline and process.poll() is None
+            time.sleep(0.01)  # polling another process, bounded by the deadline
+        process.send_signal(stop_signal)
+        out, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert "Ctrl-C stops everything" not in out, "the stack was up before the signal"
+    assert process.returncode == 0, out
+    assert "Traceback" not in out, out
+    assert out.rstrip().endswith("stream-relay: stopped"), out
+    assert list(temp.iterdir()) == []
+    deadline = time.monotonic() + EVENT_TIMEOUT_S
+    while pids_mentioning(str(temp)):  # every child ends with `up` (PR_SET_PDEATHSIG)
+        assert time.monotonic() < deadline, pids_mentioning(str(temp))
+        time.sleep(0.05)  # polling other processes, bounded by the deadline
+
+
+def pids_mentioning(text: str) -> list[int]:
+    """Live processes whose command line contains `text`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if text in cmdline and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def test_up_that_cannot_print_its_banner_leaves_nothing_behind(
+    state_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A stdout that fails (a full disk, a closed pipe) once the stack is up: `up` stops the
+    stack and removes its directories instead of dying with them left in place."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [*CLI, "up", "--demo", "--port", "0", "--admin-port", "0"],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**state_env, "TMPDIR": str(temp)},
+            timeout=120,
+        )
+    assert result.returncode != 0, result.stderr
+    assert list(temp.iterdir()) == [], result.stderr
+    state_dir = Path(state_env["XDG_RUNTIME_DIR"]) / "stream-relay"
+    assert not state_dir.exists() or list(state_dir.iterdir()) == []
+    deadline = time.monotonic() + EVENT_TIMEOUT_S
+    while pids_mentioning(str(temp)):
+        assert time.monotonic() < deadline, pids_mentioning(str(temp))
+        time.sleep(0.05)  # polling other processes, bounded by the deadline

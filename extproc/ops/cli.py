@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from extproc.demo import upstream as demo_upstream
 from extproc.errors import ConfigError
@@ -37,9 +37,12 @@ from extproc.ops.envoy_security import (
 )
 from extproc.ops.ports import WantedPort, busy_port_in_log, refuse_busy
 from extproc.ops.stack_state import StackState
-from extproc.ops.status import DEFAULT_INTERVAL_S
+from extproc.ops.status import DEFAULT_INTERVAL_S, DEFAULT_METRICS_URL
 from extproc.store import MEMORY, RedisSettings
 from extproc.vocabulary import WritePath
+
+if TYPE_CHECKING:
+    from extproc.ops.supervisor import StackOptions
 
 USAGE_ERROR = 2
 
@@ -101,8 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument(
         "--listen-address",
+        type=flags.ip_address,
         default="127.0.0.1",
-        help="address of the public listener (default 127.0.0.1)",
+        help="IP address of the public listener (default 127.0.0.1; 0.0.0.0: all IPv4, "
+        ":: all IPv6)",
     )
     up.add_argument(
         "--demo-rate",
@@ -172,12 +177,36 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("demo-upstream", help="run only the demo LLM upstream", add_help=False)
 
     config = commands.add_parser("envoy-config", help="print the Envoy config for your ports")
-    config.add_argument("--port", type=flags.port, default=8080)
-    config.add_argument("--admin-port", type=flags.port, default=9901)
-    config.add_argument("--relay-grpc-port", type=flags.port, default=DEFAULT_GRPC_PORT)
-    config.add_argument("--relay-http-port", type=flags.port, default=DEFAULT_HTTP_PORT)
-    config.add_argument("--egress-port", type=flags.port, default=10001)
-    config.add_argument("--write-path", choices=list(WritePath), default="detached")
+    config.add_argument(
+        "--port", type=flags.port, default=8080, help="public listener (default 8080)"
+    )
+    config.add_argument(
+        "--admin-port",
+        type=flags.port,
+        default=9901,
+        help="Envoy admin on 127.0.0.1 (default 9901)",
+    )
+    config.add_argument(
+        "--relay-grpc-port",
+        type=flags.port,
+        default=DEFAULT_GRPC_PORT,
+        help=f"the relay nodes' ext_proc gRPC port on 127.0.0.1 (default {DEFAULT_GRPC_PORT})",
+    )
+    config.add_argument(
+        "--relay-http-port",
+        type=flags.port,
+        default=DEFAULT_HTTP_PORT,
+        help=f"the relay nodes' HTTP port on 127.0.0.1 (default {DEFAULT_HTTP_PORT})",
+    )
+    config.add_argument(
+        "--egress-port",
+        type=flags.port,
+        default=10001,
+        help="the loopback listener the relay's --egress-url names (default 10001)",
+    )
+    flags.add_write_path_flag(
+        config, default=WritePath.DETACHED, what="the generations route's write path"
+    )
     config.add_argument("--upstream", metavar="URL", help="the LLM (required without --snippet)")
     config.add_argument(
         "--snippet",
@@ -191,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-url",
         metavar="URL",
         help="a relay node's /metrics (default: that of the stack `stream-relay up` runs "
-        "for this user, else http://127.0.0.1:8081/metrics)",
+        f"for this user, else {DEFAULT_METRICS_URL})",
     )
     status.add_argument(
         "--interval",
@@ -228,8 +257,8 @@ def _store_label(url: str) -> str:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from extproc.ops.supervision import Supervisor
-    from extproc.ops.supervisor import StackOptions, StartupError, start_stack
+    from extproc.ops.supervision import stop_signals_held
+    from extproc.ops.supervisor import StackOptions
 
     if args.upstream is not None:
         problem = Upstream.from_url(args.upstream).unreachable()  # fail fast, warn early
@@ -257,27 +286,31 @@ def _up(args: argparse.Namespace) -> int:
         security=security,
         upstream_key_file=args.upstream_key_file,
     )
+    with stop_signals_held():  # from here on a stop signal stops what started, at any point
+        return _run_stack(args, options, security, wanted)
+
+
+def _run_stack(
+    args: argparse.Namespace,
+    options: StackOptions,
+    security: EnvoySecurity,
+    wanted: list[WantedPort],
+) -> int:
+    """Start the stack and supervise it until it stops; the exit status of `up`."""
+    from extproc.ops.supervision import Supervisor
+    from extproc.ops.supervisor import StartupError, StopRequested, start_stack
+
     try:
         stack = start_stack(options)
+    except StopRequested:  # what started is stopped and its directories removed
+        print("stream-relay: stopped", flush=True)
+        return 0
     except StartupError as exc:
         busy = busy_port_in_log(str(exc), wanted)  # taken between the check and Envoy's bind
         if busy is not None:
             raise busy from None
         print(f"stream-relay: {exc}", file=sys.stderr)
         return 1
-    print(
-        f"stream-relay is up\n"
-        f"  base URL       {stack.base_url}        (OpenAI-compatible: {stack.base_url}/v1)\n"
-        f"  Envoy admin    {stack.admin_url}\n"
-        + "".join(f"  relay metrics  {url}/metrics\n" for url in stack.relay_http_urls)
-        + f"  session store  {_store_label(args.store)}\n"
-        f"  demo page      {stack.base_url}/relay/v1/demo/\n"
-        f"  upstream       {stack.upstream_url}{'  (demo)' if args.demo else ''}\n"
-        f"  logs           {stack.workdir}  (removed when the stack stops)\n"
-        f"{auth_line(security)}\n"
-        f"Ctrl-C stops everything.",
-        flush=True,
-    )
 
     def publish() -> None:
         stack_state.publish(
@@ -289,7 +322,25 @@ def _up(args: argparse.Namespace) -> int:
             )
         )
 
-    publish()
+    try:  # until the supervisor runs (it stops the stack as it ends), stop it here
+        print(
+            f"stream-relay is up\n"
+            f"  base URL       {stack.base_url}        (OpenAI-compatible: {stack.base_url}/v1)\n"
+            f"  Envoy admin    {stack.admin_url}\n"
+            + "".join(f"  relay metrics  {url}/metrics\n" for url in stack.relay_http_urls)
+            + f"  session store  {_store_label(args.store)}\n"
+            f"  demo page      {stack.base_url}/relay/v1/demo/\n"
+            f"  upstream       {stack.upstream_url}{'  (demo)' if args.demo else ''}\n"
+            f"  logs           {stack.workdir}  (removed when the stack stops)\n"
+            f"{auth_line(security)}\n"
+            f"Ctrl-C stops everything.",
+            flush=True,
+        )
+        publish()
+    except BaseException:  # e.g. a stdout that cannot be written: leave nothing behind
+        stack.stop()
+        stack_state.withdraw(os.getpid())
+        raise
     supervisor = Supervisor(
         stack,
         drain_timeout=args.drain_timeout,
@@ -325,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(flags.config_argv(parser, argv))
+        if getattr(args, "config", None) is not None:  # an abbreviation: the file is unread
+            parser.error("--config: spell the flag out (--config FILE)")
     except SystemExit as exit:  # argparse's way out: a usage error (2), or --help (0)
         return exit.code if isinstance(exit.code, int) else USAGE_ERROR
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -366,6 +419,11 @@ def main(argv: list[str] | None = None) -> int:
         # Envoy's limits and identity-header stripping at their defaults; no authentication.
         security = EnvoySecurity(cors_origins=tuple(dict.fromkeys(args.cors_origin)))
         if args.snippet:
+            if args.cors_origin:  # the snippet has no CORS piece: it would be ignored
+                raise ConfigError(
+                    "--cors-origin is not part of --snippet: give your own Envoy its CORS "
+                    "policy (README: Browsers on other origins)"
+                )
             sys.stdout.write(
                 snippet(ports, upstream, write_path=args.write_path, security=security)
             )

@@ -126,8 +126,14 @@ class EnvoyPorts:
         return _tcp("127.0.0.1", self.egress_port)
 
 
+def _address(host: str) -> str:
+    """An address as a YAML flow scalar: an IPv6 one is quoted (a bare `::` ends the mapping's
+    key), the others stay bare, as the template writes them."""
+    return json.dumps(host) if ":" in host else host
+
+
 def _tcp(host: str, port: int) -> str:
-    return f"socket_address: {{ address: {host}, port_value: {port} }}"
+    return f"socket_address: {{ address: {_address(host)}, port_value: {port} }}"
 
 
 def _pipe(path: str, *, mode: int | None = None) -> str:
@@ -155,7 +161,7 @@ def render(
     security: EnvoySecurity | None = None,
 ) -> str:
     """The config for one stack; `security` adds authentication, TLS, the LLM credential and
-    Envoy's limits (extproc/envoy_security.py). Without it the template renders as before."""
+    Envoy's limits (extproc/ops/envoy_security.py). Without it the template renders as before."""
     if write_path not in tuple(WritePath):
         choices = ", ".join(WritePath)
         raise ConfigError(f"write path must be one of {choices}, got {write_path!r}")
@@ -165,12 +171,12 @@ def render(
         GENERATION_WRITE_PATH=write_path,
         GENERATION_PATHS=json.dumps(GENERATION_PATHS),  # a JSON string is a YAML scalar
         ADMIN_PORT=ports.admin_port,
-        LISTEN_ADDRESS=ports.listen_address,
+        LISTEN_ADDRESS=_address(ports.listen_address),
         LISTEN_PORT=ports.listen_port,
         RELAY_GRPC_ENDPOINTS=ports.relay_endpoints(0),
         RELAY_HTTP_ENDPOINTS=ports.relay_endpoints(1),
         MAX_CLUSTER_REQUESTS=max_connections,
-        LLM_HOST=upstream.host,
+        LLM_HOST=_address(upstream.host),
         LLM_PORT=upstream.port,
         LLM_DISCOVERY="STATIC" if upstream.is_ip else "STRICT_DNS",
         LLM_TLS=_TLS_BLOCK.format(host=upstream.host) if upstream.tls else "",
@@ -202,8 +208,8 @@ _WHERE = {
 # your own LLM routes.""",
     "llm_route_typed_per_filter_config": """\
 # Add to each of YOUR LLM routes: the filter above is off unless a route turns it on, so the
-# relay tags their event streams and re-routes resumes (Last-Event-ID) there, and sees nothing
-# of your other routes. Give those routes `timeout: 0s` too (Envoy's default 15 s cuts streams).""",
+# relay tags their event streams (resumes are route relay_resume's alone) and sees nothing of
+# your other routes. Give those routes `timeout: 0s` too (Envoy's default 15 s cuts streams).""",
     "listeners": """\
 # Add to static_resources.listeners; the relay's --egress-url points at it.""",
     "clusters": """\

@@ -6,6 +6,7 @@ file (`--config FILE`) that holds the same settings. Each flag's name is its set
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import tomllib
 from pathlib import Path
 
@@ -42,6 +43,15 @@ def port(text: str) -> int:
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"port out of range 0..65535: {value}")
     return value
+
+
+def ip_address(text: str) -> str:
+    """An IP address literal: Envoy's listener addresses take no host names."""
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an IP address: {text!r}") from None
+    return text
 
 
 def positive(kind: type[int] | type[float]) -> argparse._ActionType:
@@ -251,22 +261,31 @@ def config_argv(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
     """`up`/`serve --config FILE`: the TOML file's settings become flags placed before the
     command line's own, so a flag given on the command line wins. Keys are the long flag names
     (`store = "redis://..."`, `max-readers-per-session = 50`, `demo = true`, `tls = [c, k]`)."""
-    if argv[:1] not in ([c] for c in CONFIG_COMMANDS) or "--config" not in argv:
+    if argv[:1] not in ([c] for c in CONFIG_COMMANDS):
         return argv
-    at = argv.index("--config")
-    if at + 1 >= len(argv):
-        parser.error("argument --config: expected a file")
-    path = Path(argv[at + 1])
+    at = next((i for i, a in enumerate(argv) if a == "--config" or a.startswith("--config=")), 0)
+    if not at:
+        return argv
+    _, joined, value = argv[at].partition("=")  # `--config FILE` or `--config=FILE`
+    if not joined:
+        if at + 1 >= len(argv):
+            parser.error("argument --config: expected a file")
+        value = argv[at + 1]
+    path = Path(value)
     try:
         settings = tomllib.loads(path.read_text())
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         parser.error(f"--config {path}: {exc}")
     known = _long_flags(parser, argv[0])
+    rest = argv[1:at] + argv[at + (1 if joined else 2) :]
+    given = _overridden(parser, argv[0], {a.partition("=")[0] for a in rest if a[:2] == "--"})
     flags: list[str] = []
     for key, value in settings.items():
         flag = f"--{key}"
         if flag not in known or key == "config":
             parser.error(f"--config {path}: unknown setting {key!r}")
+        if flag in given:
+            continue  # the command line wins, also for a flag that adds up (--cors-origin)
         if value is True:
             flags.append(flag)
         elif value is False:
@@ -277,11 +296,26 @@ def config_argv(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
             flags += [flag, str(value)]
         else:
             parser.error(f"--config {path}: {key} must be a string, number, boolean or list")
-    rest = argv[1:at] + argv[at + 2 :]
     return [argv[0], *flags, *rest]
 
 
-def _long_flags(parser: argparse.ArgumentParser, command: str) -> set[str]:
+def _command(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    sub = subparsers.choices[command]
+    sub: argparse.ArgumentParser = subparsers.choices[command]
+    return sub
+
+
+def _long_flags(parser: argparse.ArgumentParser, command: str) -> set[str]:
+    sub = _command(parser, command)
     return {s for action in sub._actions for s in action.option_strings if s.startswith("--")}
+
+
+def _overridden(parser: argparse.ArgumentParser, command: str, given: set[str]) -> set[str]:
+    """The flags the command line sets, with the others of an exclusive group one of them is
+    in (`--demo` overrides the file's `upstream`)."""
+    overridden = set(given)
+    for group in _command(parser, command)._mutually_exclusive_groups:
+        names = {s for action in group._group_actions for s in action.option_strings}
+        if names & given:
+            overridden |= names
+    return overridden

@@ -17,10 +17,11 @@ from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from extproc.node.config import DEFAULT_HOST, DEFAULT_HTTP_PORT
 from extproc.ops.stack_state import running_stacks
-from extproc.vocabulary import ENDED, ReaderProtocol, ResumeOutcome, WritePath
+from extproc.vocabulary import ENDED, DropReason, ReaderProtocol, ResumeOutcome, WritePath
 
-DEFAULT_METRICS_URL = "http://127.0.0.1:8081/metrics"
+DEFAULT_METRICS_URL = f"http://{DEFAULT_HOST}:{DEFAULT_HTTP_PORT}/metrics"  # `serve`'s default
 DEFAULT_INTERVAL_S = 1.0
 FETCH_TIMEOUT_S = 5.0
 
@@ -123,7 +124,7 @@ def summarize(before: Samples, after: Samples, elapsed: float, url: str) -> Stat
         store_capacity_bytes=total(after, "relay_store_capacity_bytes"),
         store_sessions=total(after, "relay_store_sessions"),
         store_drops=by_label(
-            after, "relay_store_dropped_sessions_total", "reason", ("evicted", "expired")
+            after, "relay_store_dropped_sessions_total", "reason", tuple(DropReason)
         ),
         tokens=by_label(after, "relay_tokens_total", "kind", ("prompt", "completion")),
     )
@@ -171,8 +172,8 @@ def render(status: Status) -> str:
             "store",
             f"{_size(status.store_bytes)} of {_size(status.store_capacity_bytes)} "
             f"({used:.1%}), {_n(status.store_sessions)} sessions, "
-            f"{_n(status.store_drops.get('evicted', 0.0))} evicted, "
-            f"{_n(status.store_drops.get('expired', 0.0))} expired",
+            f"{_n(status.store_drops.get(DropReason.EVICTED, 0.0))} evicted, "
+            f"{_n(status.store_drops.get(DropReason.EXPIRED, 0.0))} expired",
         ),
         ("tokens", _pairs(status.tokens)),
     ]

@@ -8,17 +8,20 @@ ports. A child that exits CRASH_LOOP_EXITS times within CRASH_WINDOW_S is in a c
 `up` says which child and how it last exited, stops everything and exits 1.
 
 Stopping on a signal drains: the relay nodes get SIGTERM and finish running work for up to
-their --drain-timeout while Envoy still serves it; a second Ctrl-C stops them at once.
+their --drain-timeout while Envoy still serves it; a second Ctrl-C stops them at once. `up`
+holds the stop signals blocked for its whole life (`stop_signals_held`): one that comes while
+the stack starts stops what started and removes its directories, as a stop does later.
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from extproc.ops.supervisor import READY_TIMEOUT_S, STOP_TIMEOUT_S, Child, Stack
+from extproc.ops.supervisor import READY_TIMEOUT_S, STOP_SIGNALS, STOP_TIMEOUT_S, Child, Stack
 
 BACKOFF_FIRST_S = 0.25  # the first restart's delay; doubled per recent exit
 BACKOFF_MAX_S = 8.0
@@ -26,8 +29,22 @@ CRASH_WINDOW_S = 60.0
 CRASH_LOOP_EXITS = 5  # this many exits of one child within CRASH_WINDOW_S: give up
 TICK_S = 0.2  # how often restarts due and restarted children's readiness are looked at
 
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-_WATCHED = {*_STOP_SIGNALS, signal.SIGCHLD}
+_WATCHED = {*STOP_SIGNALS, signal.SIGCHLD}
+
+
+@contextlib.contextmanager
+def stop_signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM blocked: while the stack starts, start_stack notices one between
+    steps (StopRequested) instead of SIGTERM ending `up` on the spot and leaving its work and
+    socket directories behind; then `Supervisor.run` takes them. Any still pending at the end
+    (a third Ctrl-C during the final stop) are dropped, not delivered as a traceback."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        while signal.sigtimedwait(STOP_SIGNALS, 0) is not None:
+            pass
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def describe_exit(status: int) -> str:
@@ -122,13 +139,13 @@ class Supervisor:
 
     def run(self) -> int:
         """Until a stop signal (0) or a crash loop (1); then stop everything."""
-        signal.pthread_sigmask(signal.SIG_BLOCK, _WATCHED)
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, _WATCHED)
         stopped = False
         try:
             while True:
                 self.check()
                 info = signal.sigtimedwait(_WATCHED, TICK_S)
-                if info is not None and info.si_signo in _STOP_SIGNALS:
+                if info is not None and info.si_signo in STOP_SIGNALS:
                     self.stop_draining()
                     stopped = True
                     return 0
@@ -138,7 +155,7 @@ class Supervisor:
         finally:
             if not stopped:
                 self.stack.stop()
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, _WATCHED)
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
             self._print("stream-relay: stopped")
 
     def stop_draining(self) -> None:
@@ -156,7 +173,7 @@ class Supervisor:
         hurried = False
         while any(c.process.poll() is None for c in relays) and self._clock() < deadline:
             info = signal.sigtimedwait(_WATCHED, TICK_S)
-            if info is not None and info.si_signo in _STOP_SIGNALS and not hurried:
+            if info is not None and info.si_signo in STOP_SIGNALS and not hurried:
                 hurried = True
                 for child in relays:
                     if child.process.poll() is None:

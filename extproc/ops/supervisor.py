@@ -41,8 +41,24 @@ _PR_SET_PDEATHSIG = 1
 RELAY = "relay"  # the name of the first relay node; the others are relay-2, relay-3, ...
 
 
+STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
+
+
 class StartupError(RuntimeError):
     """A child failed to start or become healthy; the message says which and why."""
+
+
+class StopRequested(Exception):
+    """A stop signal came while the stack was starting (`up` holds them blocked meanwhile)."""
+
+
+def _check_stop_requested() -> None:
+    """Raise StopRequested when a stop signal waits: `up` blocks them while it starts the
+    stack, so one is noticed here, between steps (never in the middle of starting a child),
+    and start_stack stops what started. Where they are not blocked none is ever pending."""
+    pending = signal.sigpending() & STOP_SIGNALS
+    if pending:
+        raise StopRequested(", ".join(sorted(sig.name for sig in pending)))
 
 
 def envoy_binary() -> str:
@@ -198,6 +214,7 @@ def _signal_and_wait(children: list[Child], sig: signal.Signals, timeout: float)
 def wait_until(what: str, child: Child, probe: Callable[[], bool]) -> None:
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
+        _check_stop_requested()
         if child.process.poll() is not None:
             raise StartupError(
                 f"{child.name} exited with status {child.process.returncode} "
@@ -280,7 +297,8 @@ def start_envoy(stack: Stack, config_path: Path, *, log_level: str = "warning") 
 
 
 def free_port() -> int:
-    """A port free right now, for the one listener the relay must know before Envoy starts."""
+    """A loopback port free right now, for a harness that must name a port before its server
+    starts (`up` itself needs none: Envoy reaches its relay nodes over Unix sockets)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
@@ -367,10 +385,11 @@ def _start(stack: Stack, options: StackOptions) -> None:
     # A restarted Envoy must come back on the same public port, even if any port was asked.
     ports = dataclasses.replace(ports, listen_port=port)
     write_config()
-    public_host = options.listen_address
-    if public_host in ("0.0.0.0", "::"):
-        public_host = "127.0.0.1"  # a wildcard listener is reachable on loopback
-    elif ":" in public_host:
+    # A wildcard listener is reachable on loopback: Envoy's `::` one on IPv6 only.
+    public_host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(
+        options.listen_address, options.listen_address
+    )
+    if ":" in public_host:
         public_host = f"[{public_host}]"
     scheme = "https" if security is not None and security.tls is not None else "http"
     stack.base_url = f"{scheme}://{public_host}:{port}"
