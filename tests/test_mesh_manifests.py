@@ -336,10 +336,13 @@ def test_the_drain_fits_inside_the_grace_period() -> None:
     assert int(annotation["terminationDrainDuration"].rstrip("s")) >= pre_stop + drain
 
 
-def test_istio_generation_route_matches_the_relays_generation_paths() -> None:
+def test_each_generation_route_matches_the_relays_generation_paths() -> None:
     service = one(documents("istio/gateway-routes.yaml"), "VirtualService", "llm")
     route = next(r for r in service["spec"]["http"] if r["name"] == "llm-generations")
     assert route["match"][0]["uri"]["regex"] == GENERATION_PATHS
+    http_route = one(documents("envoy-gateway/example/example.yaml"), "HTTPRoute", "llm")
+    rule = next(r for r in http_route["spec"]["rules"] if r["name"] == "generations")
+    assert rule["matches"] == [{"path": {"type": "RegularExpression", "value": GENERATION_PATHS}}]
 
 
 PLATFORMS: dict[str, Builder] = {
@@ -389,7 +392,8 @@ def test_each_platform_decides_resumes_in_envoy_as_the_template_does(platform: s
     resumes = [
         (i, route)
         for i, (route, port) in enumerate(routes)
-        if port == ports.relay_http and "regex_rewrite" in route["route"]
+        if port == ports.relay_http
+        and any(h["name"] == "last-event-id" for h in route["match"].get("headers", []))
     ]
     assert len(resumes) == 1, [r["name"] for r, _ in routes]
     index, resume = resumes[0]
@@ -414,3 +418,26 @@ def test_each_platform_strips_every_header_the_relay_trusts(platform: str) -> No
     (early,) = hcm["typed_config"]["early_header_mutation_extensions"]
     removed = {m["remove"] for m in early["typed_config"]["mutations"]}
     assert removed >= {"x-relay-target", IDENTITY_HEADER, JWT_PAYLOAD_HEADER}
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_ext_proc_is_on_for_generations_alone(platform: str) -> None:
+    """As in our own Envoy: of the routes to the LLM, only the generation paths reach the
+    relay. Elsewhere an event stream keeps the upstream's own ids (its clients send them back
+    in Last-Event-ID), and the relay must not replace them."""
+    ports = Ports(relay_grpc=50051, relay_http=8081, llm=8000, egress=10001)
+    config = PLATFORMS[platform](ports)
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    ext_proc = [f for f in hcm["typed_config"]["http_filters"] if "ext_proc" in f["name"]]
+    assert [f.get("disabled") for f in ext_proc] == [True]  # on only where a route says so
+    to_llm = [route for route, port in _public_routes(config) if port == ports.llm]
+    enabled = [
+        route["match"]
+        for route in to_llm
+        if any(
+            "ext_proc" in name and not per_route.get("disabled")
+            for name, per_route in route.get("typed_per_filter_config", {}).items()
+        )
+    ]
+    assert enabled == [{"safe_regex": {"regex": GENERATION_PATHS}}], enabled
+    assert len(to_llm) > len(enabled)  # the rest of the API is routed, without the relay

@@ -24,7 +24,6 @@ PIECES = (
     "http_connection_manager",
     "http_filters",
     "routes",
-    "llm_route_typed_per_filter_config",
     "listeners",
     "clusters",
 )

@@ -205,11 +205,8 @@ _WHERE = {
     "routes": """\
 # Put these FIRST in the virtual host of your LLM routes: the re-routes only work inside the
 # virtual host where the processor cleared the route cache, and `generations` must win over
-# your own LLM routes.""",
-    "llm_route_typed_per_filter_config": """\
-# Add to each of YOUR LLM routes: the filter above is off unless a route turns it on, so the
-# relay tags their event streams (resumes are route relay_resume's alone) and sees nothing of
-# your other routes. Give those routes `timeout: 0s` too (Envoy's default 15 s cuts streams).""",
+# your own LLM routes (rename its `cluster: llm`). Leave ext_proc off on your own routes, but
+# give those that stream `timeout: 0s` (Envoy's default 15 s cuts streams).""",
     "listeners": """\
 # Add to static_resources.listeners; the relay's --egress-url points at it.""",
     "clusters": """\
@@ -219,13 +216,10 @@ _HEADER_MUTATION = "type.googleapis.com/envoy.extensions.http.early_header_mutat
     "header_mutation.v3.HeaderMutation"
 )
 _DISABLED_UNTIL_A_ROUTE = """\
-  # Off by default: only routes with an ext_proc typed_per_filter_config use it (yours below
-  # and `generations`); the relay's own routes and your other apps never reach it.
+  # Off by default: only the `generations` route below turns it on. Your own routes (the rest
+  # of your LLM API included: an event stream there keeps the upstream's own ids, which its
+  # clients send back in Last-Event-ID) and your other apps never reach it.
   disabled: true"""
-_ENABLE_ON_ROUTE = """\
-  envoy.filters.http.ext_proc:
-    "@type": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute
-    overrides: {}  # any per-route config enables a disabled filter; this one changes nothing"""
 
 
 def _indent_of(line: str) -> int:
@@ -375,7 +369,6 @@ def snippet(
             route(name)
             for name in ("relay_resume", "detached", "relay_readers", "relay_grpc", "generations")
         ),
-        "llm_route_typed_per_filter_config": _ENABLE_ON_ROUTE,
         "listeners": _block(lines, _find(lines, "- name: egress", public), 0),
         "clusters": "\n".join(
             _block(lines, _find(lines, f"- name: {name}", clusters), 0)

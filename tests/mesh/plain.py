@@ -81,7 +81,6 @@ def merge(config: dict[str, Any], pieces: dict[str, Any]) -> dict[str, Any]:
     host = hcm["route_config"]["virtual_hosts"][0]
     for route in host["routes"]:
         if route["name"] in LLM_ROUTES:
-            route["typed_per_filter_config"] = pieces["llm_route_typed_per_filter_config"]
             route["route"]["timeout"] = "0s"
     host["routes"] = pieces["routes"] + host["routes"]
     resources["listeners"] += pieces["listeners"]
