@@ -62,13 +62,17 @@ def test_anything_but_an_origin_is_refused(bad: str, capsys: pytest.CaptureFixtu
     assert len(err) == 1 and "--cors-origin" in err[0]
 
 
-def test_origins_come_from_flags_and_the_toml_file(tmp_path: Path) -> None:
+def test_origins_come_from_the_toml_file_unless_flags_name_them(tmp_path: Path) -> None:
+    """As every setting: the command line wins over the file (a list is replaced, not merged,
+    so a flag can narrow what the file grants)."""
     path = tmp_path / "relay.toml"
     path.write_text('cors-origin = ["https://a.example", "https://b.example"]\n')
     parser = build_parser()
+    from_file = parser.parse_args(config_argv(parser, ["up", "--demo", "--config", str(path)]))
+    assert from_file.cors_origin == ["https://a.example", "https://b.example"]
     argv = ["up", "--demo", "--config", str(path), "--cors-origin", "https://c.example"]
     args = parser.parse_args(config_argv(parser, argv))
-    assert args.cors_origin == ["https://a.example", "https://b.example", "https://c.example"]
+    assert args.cors_origin == ["https://c.example"]
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):

@@ -87,7 +87,7 @@ def _finite(value: Any) -> Any:
 def main(args: argparse.Namespace) -> int:
     if report.matplotlib_missing():
         print(
-            "stream-relay bench: matplotlib is missing: pip install 'stream-relay[bench]'",
+            "stream-relay bench: matplotlib is missing: pip install ./bench (from a checkout)",
             file=sys.stderr,
         )
         return 1

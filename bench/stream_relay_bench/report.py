@@ -1,7 +1,8 @@
 """The bench report: required keys (checked), targets met or missed, Markdown tables, a PNG.
 
-Pure functions of the JSON report except `write_chart`, which needs matplotlib (the `bench`
-extra); `matplotlib_missing()` lets the command say so in one line before it runs anything.
+Pure functions of the JSON report except `write_chart`, which needs matplotlib (a dependency of
+the bench distribution, `pip install ./bench`); `matplotlib_missing()` lets the command say so
+in one line before it runs anything.
 """
 
 from __future__ import annotations

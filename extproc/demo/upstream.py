@@ -198,7 +198,9 @@ def _arg(kind: Callable[[str], float], low: float, high: float) -> Callable[[str
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="stream-relay demo LLM upstream")
+    parser = argparse.ArgumentParser(
+        prog="stream-relay demo-upstream", description="stream-relay demo LLM upstream"
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=_arg(int, 0, 65535), default=0, help="0: any free port")
     rate_help = "events/s per stream, 0 = as fast as possible"

@@ -9,12 +9,11 @@ origins nothing is rendered and the template is as before.
 
 from __future__ import annotations
 
-import json
 from urllib.parse import urlsplit
 
 from extproc.errors import ConfigError, OriginNotAllowed
+from extproc.ops.envoy_yaml import DISABLED_ON_ROUTE, T, scalar
 
-T = "type.googleapis.com/envoy."
 # Upstream CORS headers are replaced by the policy's: an LLM proxy that grants every origin
 # (LiteLLM sends `access-control-allow-origin: *`) must not widen what the operator chose.
 _UPSTREAM_CORS = (
@@ -28,7 +27,6 @@ ALLOW_HEADERS = "authorization, content-type, last-event-id, x-api-key, x-relay-
 EXPOSE_HEADERS = "x-relay-session, x-request-id, *"
 ALLOW_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 MAX_AGE_S = 600
-_DISABLED = f'{{ "@type": {T}config.route.v3.FilterConfig, disabled: true }}'
 
 
 def parse_origin(text: str) -> str:
@@ -57,18 +55,14 @@ def parse_origin(text: str) -> str:
     return f"{parts.scheme}://{host.lower()}"
 
 
-def _q(value: str) -> str:
-    return json.dumps(value)
-
-
 def cors_placeholders(origins: tuple[str, ...]) -> dict[str, str]:
     """The template's CORS placeholders for these origins (all empty without any)."""
     if not origins:
         return {"CORS_FILTER": "", "CORS_POLICY": "", "CORS_ROUTES": ""}
-    allowed = ", ".join(f"{{ exact: {_q(o)} }}" for o in origins)
+    allowed = ", ".join(f"{{ exact: {scalar(o)} }}" for o in origins)
     others = "".join(
         f"\n                  - {{ name: origin, invert_match: true, "
-        f"string_match: {{ exact: {_q(o)} }} }}"
+        f"string_match: {{ exact: {scalar(o)} }} }}"
         for o in origins
     )
     refused = OriginNotAllowed("this origin may not open a WebSocket here (--cors-origin)")
@@ -90,9 +84,9 @@ def cors_placeholders(origins: tuple[str, ...]) -> dict[str, str]:
                 envoy.filters.http.cors:
                   "@type": {T}extensions.filters.http.cors.v3.CorsPolicy
                   allow_origin_string_match: [{allowed}]
-                  allow_methods: {_q(ALLOW_METHODS)}
-                  allow_headers: {_q(ALLOW_HEADERS)}
-                  expose_headers: {_q(EXPOSE_HEADERS)}
+                  allow_methods: {scalar(ALLOW_METHODS)}
+                  allow_headers: {scalar(ALLOW_HEADERS)}
+                  expose_headers: {scalar(EXPOSE_HEADERS)}
                   max_age: "{MAX_AGE_S}"
                   forward_not_matching_preflights: false  # other origins' preflights stop here""",
         "CORS_ROUTES": f"""
@@ -104,7 +98,7 @@ def cors_placeholders(origins: tuple[str, ...]) -> dict[str, str]:
                   - {{ name: access-control-request-method, present_match: true }}
                 route: {{ cluster: llm }}
                 typed_per_filter_config:
-                  envoy.filters.http.ext_proc: {_DISABLED}
+                  envoy.filters.http.ext_proc: {DISABLED_ON_ROUTE}
               - name: websocket_other_origin  # CORS does not cover WebSocket: refuse it here
                 match:
                   prefix: /relay/v1/
@@ -113,7 +107,7 @@ def cors_placeholders(origins: tuple[str, ...]) -> dict[str, str]:
                   - {{ name: origin, present_match: true }}{others}
                 direct_response:
                   status: {refused.http_status}
-                  body: {{ inline_string: {_q(refused.json_body().decode())} }}
+                  body: {{ inline_string: {scalar(refused.json_body().decode())} }}
                 response_headers_to_add:
                 - header: {{ key: content-type, value: application/json }}
                   append_action: OVERWRITE_IF_EXISTS_OR_ADD""",
@@ -124,7 +118,7 @@ def granted_origin_headers(origin: str) -> str:
     """What Envoy's CORS filter would add for a granted origin, for a `direct_response` route
     (the filter skips those): so a page can read the answer."""
     return f"""
-                - header: {{ key: access-control-allow-origin, value: {_q(origin)} }}
+                - header: {{ key: access-control-allow-origin, value: {scalar(origin)} }}
                   append_action: OVERWRITE_IF_EXISTS_OR_ADD
-                - header: {{ key: access-control-expose-headers, value: {_q(EXPOSE_HEADERS)} }}
+                - header: {{ key: access-control-expose-headers, value: {scalar(EXPOSE_HEADERS)} }}
                   append_action: OVERWRITE_IF_EXISTS_OR_ADD"""

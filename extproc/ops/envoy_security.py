@@ -18,22 +18,16 @@ from pathlib import Path
 from extproc.access.identity import IDENTITY_HEADER, JWT_PAYLOAD_HEADER
 from extproc.errors import ConfigError, RequestTooLarge
 from extproc.ops.envoy_cors import cors_placeholders, granted_origin_headers
+from extproc.ops.envoy_yaml import DISABLED_ON_ROUTE, T, scalar
 from extproc.vocabulary import GENERATION_PATHS
 
 API_KEY_HEADER = "x-api-key"
-T = "type.googleapis.com/envoy."  # the type URL prefix of every Envoy extension config
 DEFAULT_MAX_CONNECTIONS = 10_000
 DEFAULT_MAX_REQUEST_HEADERS_KB = 60  # Envoy's own default, made explicit
 MAX_REQUEST_HEADERS_KB_LIMIT = 8192  # the largest value Envoy accepts
 DEFAULT_REQUEST_HEADERS_TIMEOUT_S = 10.0
-_DISABLED = f'{{ "@type": {T}config.route.v3.FilterConfig, disabled: true }}'
 _CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")
 _KEY = re.compile(r"[\x21-\x7e]{8,512}")  # printable ASCII, no spaces: survives any header
-
-
-def _q(value: str | Path) -> str:
-    """A YAML scalar for any text: JSON strings are valid YAML flow scalars."""
-    return json.dumps(str(value))
 
 
 @dataclass(frozen=True)
@@ -219,7 +213,7 @@ overload_manager:
   secrets:
   - name: llm_credential  # the whole Authorization value; read by Envoy from the file only
     generic_secret:
-      secret: {{ filename: {_q(self.upstream_credential_file)} }}"""
+      secret: {{ filename: {scalar(self.upstream_credential_file)} }}"""
 
     def _auth_filters(self) -> str:
         """jwt_authn, then api_key_auth: both before ext_proc."""
@@ -227,9 +221,9 @@ overload_manager:
         both = bool(self.api_keys) and self.jwt is not None
         if self.jwt is not None:
             jwt = self.jwt
-            issuer = f"\n                  issuer: {_q(jwt.issuer)}" if jwt.issuer else ""
+            issuer = f"\n                  issuer: {scalar(jwt.issuer)}" if jwt.issuer else ""
             audiences = (
-                f"\n                  audiences: [{', '.join(_q(a) for a in jwt.audiences)}]"
+                f"\n                  audiences: [{', '.join(scalar(a) for a in jwt.audiences)}]"
                 if jwt.audiences
                 else ""
             )
@@ -246,7 +240,7 @@ overload_manager:
               "@type": {T}extensions.filters.http.jwt_authn.v3.JwtAuthentication
               providers:
                 relay:{issuer}{audiences}
-                  local_jwks: {{ filename: {_q(jwt.jwks_file)} }}
+                  local_jwks: {{ filename: {scalar(jwt.jwks_file)} }}
                   from_headers: [{{ name: authorization, value_prefix: "Bearer " }}]
                   forward: false  # the token is removed before any upstream sees it
                   subjects: {{ safe_regex: {{ regex: ".+" }} }}  # no sub, no identity: refused
@@ -260,7 +254,7 @@ overload_manager:
                 requires: {requires}"""
         if self.api_keys:
             credentials = "".join(
-                f"\n              - {{ client: {_q('key:' + k.client)}, key: {_q(k.key)} }}"
+                f"\n              - {{ client: {scalar('key:' + k.client)}, key: {scalar(k.key)} }}"
                 for k in self.api_keys
             )
             api_key_auth = f"""\
@@ -318,7 +312,7 @@ overload_manager:
             )
             if on
         ]
-        per_filter = "".join(f"\n                  {n}: {_DISABLED}" for n in names)
+        per_filter = "".join(f"\n                  {n}: {DISABLED_ON_ROUTE}" for n in names)
         return f"""
               - name: relay_demo_page  # static files only; their API calls need credentials
                 match: {{ prefix: /relay/v1/demo/ }}
@@ -344,7 +338,7 @@ overload_manager:
         assert self.max_request_bytes is not None
         error = RequestTooLarge(f"request body larger than {self.max_request_bytes} bytes")
         only_origin = (
-            f"\n                  - {{ name: origin, string_match: {{ exact: {_q(origin)} }} }}"
+            f"\n                  - {{ name: origin, string_match: {{ exact: {scalar(origin)} }} }}"
             if origin is not None
             else ""
         )
@@ -352,19 +346,19 @@ overload_manager:
         return f"""
               - name: {name}
                 match:
-                  safe_regex: {{ regex: {_q(GENERATION_PATHS)} }}
+                  safe_regex: {{ regex: {scalar(GENERATION_PATHS)} }}
                   headers:
                   - name: content-length
                     range_match: {{ start: {self.max_request_bytes + 1}, end: {2**63 - 1} }}\
 {only_origin}
                 direct_response:
                   status: {error.http_status}
-                  body: {{ inline_string: {_q(error.json_body().decode())} }}
+                  body: {{ inline_string: {scalar(error.json_body().decode())} }}
                 response_headers_to_add:
                 - header: {{ key: content-type, value: application/json }}
                   append_action: OVERWRITE_IF_EXISTS_OR_ADD{grant}
                 typed_per_filter_config:
-                  envoy.filters.http.ext_proc: {_DISABLED}"""
+                  envoy.filters.http.ext_proc: {DISABLED_ON_ROUTE}"""
 
     def _public_tls(self) -> str:
         if self.tls is None:
@@ -377,8 +371,8 @@ overload_manager:
           common_tls_context:
             alpn_protocols: [h2, http/1.1]
             tls_certificates:
-            - certificate_chain: {{ filename: {_q(self.tls.cert)} }}
-              private_key: {{ filename: {_q(self.tls.key)} }}"""
+            - certificate_chain: {{ filename: {scalar(self.tls.cert)} }}
+              private_key: {{ filename: {scalar(self.tls.key)} }}"""
 
     def _llm_upstream_filters(self) -> str:
         """Upstream filters of cluster llm, so both the public routes and egress get them."""
