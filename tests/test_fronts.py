@@ -19,7 +19,7 @@ from multidict import CIMultiDict
 from extproc.access.grants import Access
 from extproc.access.quota import UNCOUNTED, SessionQuota
 from extproc.detached.generations import DetachSettings, Generations
-from extproc.errors import SessionNotFound
+from extproc.errors import RelayUnavailable, SessionNotFound
 from extproc.node.metrics import RelayMetrics
 from extproc.proto.relay.v1 import relay_pb2_grpc
 from extproc.proto.relay.v1.relay_pb2 import SubscribeRequest, SubscribeResponse
@@ -406,6 +406,28 @@ async def test_a_detached_generation_stops_once_its_log_has_ended(
         assert generations.running == 0 and quota.open("alice") == 0
     finally:
         await generations.close()
+
+
+async def test_a_stopping_node_starts_no_generation(endless_upstream: Upstream) -> None:
+    """A request still on its way in when the node begins to stop gets a typed 503: no new LLM
+    call, and one already answered is closed instead of logged by nobody."""
+    metrics = RelayMetrics()
+    generations = Generations(
+        MemoryStore(metrics=metrics),
+        DetachSettings(egress_url=endless_upstream.url),
+        metrics,
+        max_event_bytes=1024,
+    )
+    async with asyncio.timeout(TIMEOUT_S):
+        response = await generations.open("POST", "/v1/chat/completions", CIMultiDict(), b"{}")
+        await generations.close()
+        slot = SessionQuota().reserve("alice")
+        with pytest.raises(RelayUnavailable, match="relay node stopping"):
+            generations.start(response, owner="alice", slot=slot, request_key="")
+        assert response.closed and generations.running == 0
+        await endless_upstream.gone.wait()  # the LLM call was cut, not left streaming
+        with pytest.raises(RelayUnavailable, match="relay node stopping"):
+            await generations.open("POST", "/v1/chat/completions", CIMultiDict(), b"{}")
 
 
 class _SlowRemoteReaders(MemoryStore):

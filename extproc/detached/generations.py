@@ -18,7 +18,7 @@ from yarl import URL
 
 from extproc.access.quota import Slot
 from extproc.detached.forwarding import upstream_request_headers
-from extproc.errors import ConfigError, StoreUnavailable, UpstreamUnreachable
+from extproc.errors import ConfigError, RelayUnavailable, StoreUnavailable, UpstreamUnreachable
 from extproc.node.metrics import RelayMetrics
 from extproc.session.framing import framing_of, identity_coded, new_framer
 from extproc.session.log import EndState, SessionLog, WritePath
@@ -77,6 +77,7 @@ class Generations:
         self._max_event_bytes = max_event_bytes
         self._running: dict[str, Generation] = {}
         self._http: aiohttp.ClientSession | None = None
+        self._closed = False
         metrics.generations_running = lambda: len(self._running)
 
     @property
@@ -84,7 +85,9 @@ class Generations:
         return len(self._running)
 
     async def close(self, reason: str = "relay node stopping") -> None:
-        """Shutdown: cancel every generation (their logs end `cancelled` with `reason`)."""
+        """Shutdown: cancel every generation (their logs end `cancelled` with `reason`); a
+        request still on its way in is refused from now on (typed 503, no new LLM call)."""
+        self._closed = True
         for generation in list(self._running.values()):
             generation.task.cancel(reason)
         await asyncio.gather(*(g.task for g in self._running.values()), return_exceptions=True)
@@ -157,6 +160,8 @@ class Generations:
     ) -> aiohttp.ClientResponse:
         """Send the client's request upstream through Envoy's egress; return its response.
         `target` is the path and query exactly as the client sent them."""
+        if self._closed:
+            raise RelayUnavailable("relay node stopping")
         if not self.settings.egress_url:
             raise UpstreamUnreachable("the detached path is not configured (no --egress-url)")
         egress = self.settings.egress_url
@@ -174,6 +179,9 @@ class Generations:
     ) -> SessionLog | None:
         """If the upstream answered with an event stream, log it in the background; the
         generation then holds `slot` until it ends. `request_key`: what a resume must repeat."""
+        if self._closed:  # called before the node began to stop: end it here, not log it
+            response.close()
+            raise RelayUnavailable("relay node stopping")
         content_type = response.headers.get("Content-Type", "")
         framing = framing_of(content_type)
         encoded = not identity_coded(response.headers.get("Content-Encoding"))
