@@ -646,3 +646,32 @@ async def test_a_round_retried_after_a_lost_reply_changes_nothing(
         assert await raw.hget("p:{S1}:meta", "state") == b"done"
     finally:
         await raw.aclose()
+
+
+# Replication that fails for a reason nobody planned for, or is stopped mid-call.
+
+
+def script_failing_once(store: RedisStore, error: Exception) -> None:
+    """The writer's next replication call raises `error` (a bug, an unexpected reply)."""
+    real = store._replicator._script
+    failed: list[Exception] = []
+
+    async def script(**kwargs: object) -> object:
+        if not failed:
+            failed.append(error)
+            raise error
+        return await real(**kwargs)  # type: ignore[arg-type]
+
+    store._replicator._script = script  # type: ignore[assignment]
+
+
+async def test_a_round_that_fails_unexpectedly_is_retried(redis_server: RedisServer) -> None:
+    a, b = await two_nodes(redis_server)
+    try:
+        script_failing_once(a, RuntimeError("unexpected"))
+        session = a.create(content_type=SSE, write_path=WritePath.INLINE)
+        a.append(session, events(3))  # nothing more is written: the failed round must come back
+        assert (await until_copied(Pair(a, b), session)).last_seq == 3
+    finally:
+        await a.close()
+        await b.close()

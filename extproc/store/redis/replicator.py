@@ -168,6 +168,13 @@ class Replicator:
             batch, self._dirty = self._dirty, {}
         else:
             batch = {sid: self._dirty.pop(sid) for sid in only if sid in self._dirty}
+        try:
+            return await self._copy_batch(batch)
+        except BaseException:  # Redis down, a bug, or a stop mid-call: none of it is lost
+            self._retry([(copy, 0, EndState.OPEN) for copy in batch.values()])
+            raise
+
+    async def _copy_batch(self, batch: dict[str, Copy]) -> bool:
         args: list[bytes | str | int] = list(self._head)
         sent: list[tuple[Copy, int, EndState]] = []
         room_events, room_bytes = ROUND_MAX_EVENTS, ROUND_MAX_BYTES
@@ -186,12 +193,8 @@ class Replicator:
             sent.append((copy, upto, state))
         if not sent:
             return True
-        try:
-            with self._calls.call(StoreOp.SYNC):
-                reply = await self._script(keys=[self._lease_key], args=args)
-        except StoreUnavailable:
-            self._retry(sent)
-            raise
+        with self._calls.call(StoreOp.SYNC):
+            reply = await self._script(keys=[self._lease_key], args=args)
         if not reply[0]:
             self._retry(sent)
             return False
@@ -202,6 +205,8 @@ class Replicator:
 
     def _retry(self, sent: list[tuple[Copy, int, EndState]]) -> None:
         for copy, _, _ in sent:
+            if self._copies.get(copy.log.session_id) is not copy:
+                continue  # settled before the failure (its end is in Redis), or fenced
             # Never confirmed: taken as unknown to Redis (a reply lost after the script ran
             # is the one case this gets wrong; see the README's timing of the rule).
             copy.sent = copy.confirmed
