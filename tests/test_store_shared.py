@@ -675,3 +675,29 @@ async def test_a_round_that_fails_unexpectedly_is_retried(redis_server: RedisSer
     finally:
         await a.close()
         await b.close()
+
+
+async def test_a_clean_stop_waits_for_the_round_in_flight(redis_server: RedisServer) -> None:
+    """close() while the loop's round is still in Redis (slow): the stop waits for it instead
+    of cancelling it, so the session's last events and its end are in Redis."""
+    a, b = await two_nodes(redis_server)
+    in_flight = asyncio.Event()
+    real = a._replicator._script
+
+    async def slow_script(**kwargs: object) -> object:
+        in_flight.set()
+        await asyncio.sleep(0.2)  # the fault: a slow Redis, not a synchronisation
+        return await real(**kwargs)  # type: ignore[arg-type]
+
+    a._replicator._script = slow_script  # type: ignore[assignment]
+    try:
+        session = a.create(content_type=SSE, write_path=WritePath.INLINE)
+        a.append(session, events(3))
+        a.end(session, EndState.DONE)
+        async with asyncio.timeout(5):
+            await in_flight.wait()
+        await a.close()
+        copied = await b.lookup(session.session_id)
+        assert copied.state is EndState.DONE and await read_all(copied) == events(3)
+    finally:
+        await b.close()

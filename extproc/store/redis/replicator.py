@@ -85,6 +85,7 @@ class Replicator:
         self._dirty: dict[str, Copy] = {}
         self._recheck: set[str] = set()  # asked again after a lease break, not yet answered
         self._wake = asyncio.Event()
+        self._one_round = asyncio.Lock()  # flush waits for a round the loop has in flight
         # Sessions that go at once, in a round of their own (a new session other nodes may
         # look up, a recheck), so the others keep their batch window.
         self._urgent: set[str] = set()
@@ -143,7 +144,9 @@ class Replicator:
             only = self._urgent if self._urgent and not self._at_once else None
             self._urgent, self._at_once = set(), False
             try:
-                if not await self._round(only):
+                async with self._one_round:
+                    copied = await self._round(only)
+                if not copied:
                     self.on_no_lease()
                     await asyncio.sleep(NO_LEASE_RETRY_S)
             except StoreUnavailable:
@@ -155,11 +158,18 @@ class Replicator:
                 self._wake.set()
 
     async def flush(self) -> None:
-        """Copy what is still pending (bounded wait): a clean stop loses nothing it can save."""
+        """Copy what is still pending, after the round in flight (bounded wait): a clean stop
+        loses nothing it can save."""
         with contextlib.suppress(TimeoutError, StoreUnavailable):
             async with asyncio.timeout(CLOSE_FLUSH_S):
-                while self._dirty:
-                    await self._round()
+                while True:
+                    async with self._one_round:
+                        if not self._dirty:
+                            return
+                        copied = await self._round()
+                    if not copied:  # no lease: the heartbeat renews it
+                        self.on_no_lease()
+                        await asyncio.sleep(NO_LEASE_RETRY_S)
 
     async def _round(self, only: set[str] | None = None) -> bool:
         """One script call for every dirty session, or `only` these (up to the round's
