@@ -701,3 +701,25 @@ async def test_a_clean_stop_waits_for_the_round_in_flight(redis_server: RedisSer
         assert copied.state is EndState.DONE and await read_all(copied) == events(3)
     finally:
         await b.close()
+
+
+async def test_a_newer_follower_of_a_session_stays_known_after_the_older_one_ends(
+    redis_server: RedisServer,
+) -> None:
+    """A mirror evicted and looked up again has two followers for a moment; the older one
+    ending must not forget the newer, which close() waits for."""
+    a, b = await two_nodes(redis_server)
+    try:
+        session = a.create(content_type=SSE, write_path=WritePath.INLINE)
+        a.append(session, events(1))
+        await until_copied(Pair(a, b), session)
+        [older] = b._mirrors.followers
+        b._mirrors._logs.popitem()  # b's cache evicts the mirror (as when full)
+        newer_mirror = await b.lookup(session.session_id)
+        assert not newer_mirror.gone_reason
+        a.append(session, events(1, start=2))  # wakes both followers' reads
+        await eventually("the older follower to end", older.done)
+        assert len(b._mirrors.followers) == 1 and not b._mirrors.followers[0].done()
+    finally:
+        await a.close()
+        await b.close()

@@ -44,11 +44,13 @@ class Mirrors:
         self._closing = closing
         self._fail_script = calls.redis.register_script(FAIL_IF_ORPHANED)
         self._logs = LogCache(limits.store_max_bytes, lambda m: m.drop(DropReason.EVICTED))
-        self._followers: dict[str, asyncio.Task[None]] = {}
+        # Every follower still running; a session may have two for a moment (an evicted
+        # mirror's, not yet back from its read, and a newer mirror's).
+        self._followers: set[asyncio.Task[None]] = set()
 
     @property
     def followers(self) -> list[asyncio.Task[None]]:
-        return list(self._followers.values())
+        return list(self._followers)
 
     def get(self, session_id: str) -> SessionLog | None:
         return self._logs.get(session_id)
@@ -76,8 +78,8 @@ class Mirrors:
         if mirror.state is EndState.OPEN:
             node = meta.get(b"node", b"").decode()
             task = asyncio.create_task(self._follow(mirror, node))
-            self._followers[session_id] = task
-            task.add_done_callback(lambda _: self._followers.pop(session_id, None))
+            self._followers.add(task)
+            task.add_done_callback(self._followers.discard)
         return mirror
 
     async def _follow(self, mirror: SessionLog, node: str) -> None:
