@@ -723,3 +723,28 @@ async def test_a_newer_follower_of_a_session_stays_known_after_the_older_one_end
     finally:
         await a.close()
         await b.close()
+
+
+@pytest.mark.parametrize(
+    "entry", [{"end": "bogus", "reason": "x"}, {"end": "done"}, {"nothing": "x"}]
+)
+async def test_a_stream_entry_the_follower_cannot_read_drops_the_mirror(
+    redis_server: RedisServer, entry: dict[str, str]
+) -> None:
+    """An entry no relay writes (a bad end state, a missing field) ends the follower: the
+    mirror is dropped (410 for its readers and for later lookups), never left open unfollowed."""
+    a, b = await two_nodes(redis_server)
+    try:
+        session = a.create(content_type=SSE, write_path=WritePath.INLINE)
+        a.append(session, events(3))
+        mirror = await until_copied(Pair(a, b), session)
+        raw = aioredis.from_url(redis_server.url)
+        await raw.xadd(Keys("stream-relay", session.session_id).events, entry, id="0-4")
+        await raw.aclose()
+        await eventually("the follower to drop the mirror", lambda: mirror.gone_reason)
+        with pytest.raises(SessionGone):
+            await b.lookup(session.session_id)
+        assert not b._mirrors.followers
+    finally:
+        await a.close()
+        await b.close()
