@@ -748,3 +748,39 @@ async def test_a_stream_entry_the_follower_cannot_read_drops_the_mirror(
     finally:
         await a.close()
         await b.close()
+
+
+def pending(metrics: RelayMetrics) -> float | None:
+    return metrics.registry.get_sample_value("relay_replication_pending_sessions")
+
+
+async def test_sessions_dropped_during_an_outage_are_not_kept_pending(
+    redis_server: RedisServer,
+) -> None:
+    """While Redis is down, sessions this node evicts before Redis ever heard of them leave the
+    replication's bookkeeping (it would grow with every session of the outage); the ones still
+    held here are all copied once Redis is back."""
+    limits = StoreLimits(store_max_bytes=MIB, session_max_bytes=MIB // 4, session_ttl=60)
+    metrics = RelayMetrics()
+    a, b = await two_nodes(redis_server, a_metrics=metrics, limits=limits)
+    try:
+        redis_server.stop()
+        big = b"data: " + b"x" * (MIB // 5) + b"\n\n"
+        sessions = []
+        for _ in range(20):
+            session = a.create(content_type=SSE, write_path=WritePath.INLINE)
+            a.append(session, [big])
+            a.end(session, EndState.DONE)
+            sessions.append(session)
+        held = [s for s in sessions if not s.gone_reason]
+        assert 0 < len(held) < 10  # the store evicted the others
+        await eventually("a round to fail", lambda: store_up(metrics) == 0)
+        await eventually("dropped sessions to leave", lambda: pending(metrics) == len(held))
+
+        redis_server.start()
+        for session in held:
+            assert await read_all(await until_copied(Pair(a, b), session)) == [big]
+        await eventually("nothing left to copy", lambda: pending(metrics) == 0)
+    finally:
+        await a.close()
+        await b.close()

@@ -5,7 +5,9 @@ Appends mark a session dirty; a loop copies what accumulated in BATCH_WINDOW_S, 
 session in one script call per round (idempotent: a retried round, or a Redis that lost data,
 is refilled from this node's memory). A new session and a recheck after a lease break go at
 once, in a round of their own. A reply saying another node ended a session (this node was
-fenced) goes to the store, which cuts the session's clients here.
+fenced) goes to the store, which cuts the session's clients here. Bookkeeping stays bounded
+through a Redis outage: a session dropped here (evicted, expired) before Redis heard of it is
+forgotten, so only sessions still held here, or known to Redis, wait to be copied.
 """
 
 from __future__ import annotations
@@ -189,7 +191,14 @@ class Replicator:
         sent: list[tuple[Copy, int, EndState]] = []
         room_events, room_bytes = ROUND_MAX_EVENTS, ROUND_MAX_BYTES
         now = time.monotonic()
+        forgotten = 0
         for session_id, copy in batch.items():
+            if copy.log.gone_reason and not copy.sent and self._copies.get(session_id) is copy:
+                # Dropped here (evicted, expired) before Redis ever knew it: nothing is left to
+                # copy, so an outage does not keep bookkeeping for every session it saw.
+                del self._copies[session_id]
+                forgotten += 1
+                continue
             if room_events <= 0 or room_bytes <= 0:
                 self._dirty[session_id] = copy  # the next round, at once
                 self._at_once = True
@@ -201,6 +210,8 @@ class Replicator:
             room_bytes -= size
             copy.sent = True
             sent.append((copy, upto, state))
+        if forgotten:
+            log.warning("%d sessions dropped here before they reached the shared store", forgotten)
         if not sent:
             return True
         with self._calls.call(StoreOp.SYNC):
