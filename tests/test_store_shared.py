@@ -634,8 +634,8 @@ async def test_a_round_retried_after_a_lost_reply_changes_nothing(
         await raw.set("lease", "a")
         head = ["p", "a", 60_000, 60_000]
         meta = [SSE, "inline", "", ""]  # content type, write path, owner, request key
-        first = [*head, "S1", "1 2 open 0 0", *meta, *events(2)]
-        later = [*head, "S1", "3 2 done 60000 0", *meta, "", *events(2, start=3)]
+        first = [*head, "S1", "1 2 open 0 0 1", *meta, *events(2)]
+        later = [*head, "S1", "3 2 done 60000 0 1", *meta, "", *events(2, start=3)]
         no_lease = await raw.eval(SYNC_ROUND, 1, "nobody", *first)
         assert no_lease == [0]  # a writer without its lease writes nothing
         for _ in range(2):
@@ -784,3 +784,26 @@ async def test_sessions_dropped_during_an_outage_are_not_kept_pending(
     finally:
         await a.close()
         await b.close()
+
+
+async def test_a_request_key_known_after_the_first_copy_reaches_redis_while_open(
+    redis_server: RedisServer,
+) -> None:
+    """A request body may end after the response began: its key, set on the session after its
+    first copy, goes with the next round, so a node that mirrors the open session later checks
+    a resume against it (it reached Redis only with the end)."""
+    a, b = await two_nodes(redis_server)
+    c = redis_store(redis_server)
+    await c.start()
+    try:
+        session = a.create(content_type=SSE, write_path=WritePath.INLINE)
+        a.append(session, events(1))
+        assert (await until_copied(Pair(a, b), session)).request_key == ""
+        session.request_key = "the creating request"
+        a.append(session, events(1, start=2))
+        await until_copied(Pair(a, b), session)  # the round that carries event 2 went out
+        mirror = await c.lookup(session.session_id)  # c mirrors it now
+        assert mirror.state is EndState.OPEN and mirror.request_key == "the creating request"
+    finally:
+        for node in (a, b, c):
+            await node.close()

@@ -55,6 +55,7 @@ class Copy:
     held_end: tuple[EndState, str] | None = None  # a `done` this node shows once Redis has it
     ttl_refreshed: float = 0.0
     check: bool = False  # Redis may have lost data (the lease broke): look closely next round
+    request_key: str = ""  # the request key the last round carried to Redis
 
     def end(self) -> tuple[EndState, str]:
         log = self.log
@@ -231,6 +232,7 @@ class Replicator:
             # Never confirmed: taken as unknown to Redis (a reply lost after the script ran
             # is the one case this gets wrong; see the README's timing of the rule).
             copy.sent = copy.confirmed
+            copy.request_key = ""  # it may not have arrived: sent again with the next round
             if not copy.sent and copy.held_end is not None:
                 self.release_end(copy)  # no other node can contradict it: show it now
             self._dirty.setdefault(copy.log.session_id, copy)
@@ -288,11 +290,17 @@ class Replicator:
         else:
             ttl = b"0"
         check = b"1" if copy.check else b"0"
+        # The request key may become known after the first copy (a request body that ends
+        # after the response began): it goes with the next round, for lookups elsewhere.
+        with_meta = (
+            stored == 0 or state is not EndState.OPEN or copy.request_key != session.request_key
+        )
         args += (
             session.session_id,
-            b"%d %d %s %s %s" % (stored + 1, len(events), _STATES[state], ttl, check),
+            b"%d %d %s %s %s %d" % (stored + 1, len(events), _STATES[state], ttl, check, with_meta),
         )
-        if stored == 0 or state is not EndState.OPEN:
+        if with_meta:
+            copy.request_key = session.request_key
             args += (
                 session.content_type,
                 session.write_path.value,
