@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from extproc.errors import StoreUnavailable
@@ -184,7 +184,7 @@ class Replicator:
         try:
             return await self._copy_batch(batch)
         except BaseException:  # Redis down, a bug, or a stop mid-call: none of it is lost
-            self._retry([(copy, 0, EndState.OPEN) for copy in batch.values()])
+            self._retry(batch.values())
             raise
 
     async def _copy_batch(self, batch: dict[str, Copy]) -> bool:
@@ -218,15 +218,15 @@ class Replicator:
         with self._calls.call(StoreOp.SYNC):
             reply = await self._script(keys=[self._lease_key], args=args)
         if not reply[0]:
-            self._retry(sent)
+            self._retry(copy for copy, _, _ in sent)
             return False
         for (copy, upto, state), stored in zip(sent, reply[1:], strict=True):
             self._settle(copy, upto, state, stored)
         self._answered({copy.log.session_id for copy, _, _ in sent})
         return True
 
-    def _retry(self, sent: list[tuple[Copy, int, EndState]]) -> None:
-        for copy, _, _ in sent:
+    def _retry(self, copies: Iterable[Copy]) -> None:
+        for copy in copies:
             if self._copies.get(copy.log.session_id) is not copy:
                 continue  # settled before the failure (its end is in Redis), or fenced
             # Never confirmed: taken as unknown to Redis (a reply lost after the script ran
