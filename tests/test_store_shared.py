@@ -634,8 +634,8 @@ async def test_a_round_retried_after_a_lost_reply_changes_nothing(
         await raw.set("lease", "a")
         head = ["p", "a", 60_000, 60_000]
         meta = [SSE, "inline", "", ""]  # content type, write path, owner, request key
-        first = [*head, "S1", "1 2 open 0 0", *meta, *events(2)]
-        later = [*head, "S1", "3 2 done 60000 0", *meta, "", *events(2, start=3)]
+        first = [*head, "S1", "1 2 open 0 0 1", *meta, *events(2)]
+        later = [*head, "S1", "3 2 done 60000 0 1", *meta, "", *events(2, start=3)]
         no_lease = await raw.eval(SYNC_ROUND, 1, "nobody", *first)
         assert no_lease == [0]  # a writer without its lease writes nothing
         for _ in range(2):
@@ -646,3 +646,164 @@ async def test_a_round_retried_after_a_lost_reply_changes_nothing(
         assert await raw.hget("p:{S1}:meta", "state") == b"done"
     finally:
         await raw.aclose()
+
+
+# Replication that fails for a reason nobody planned for, or is stopped mid-call.
+
+
+def script_failing_once(store: RedisStore, error: Exception) -> None:
+    """The writer's next replication call raises `error` (a bug, an unexpected reply)."""
+    real = store._replicator._script
+    failed: list[Exception] = []
+
+    async def script(**kwargs: object) -> object:
+        if not failed:
+            failed.append(error)
+            raise error
+        return await real(**kwargs)  # type: ignore[arg-type]
+
+    store._replicator._script = script  # type: ignore[assignment]
+
+
+async def test_a_round_that_fails_unexpectedly_is_retried(redis_server: RedisServer) -> None:
+    a, b = await two_nodes(redis_server)
+    try:
+        script_failing_once(a, RuntimeError("unexpected"))
+        session = a.create(content_type=SSE, write_path=WritePath.INLINE)
+        a.append(session, events(3))  # nothing more is written: the failed round must come back
+        assert (await until_copied(Pair(a, b), session)).last_seq == 3
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_clean_stop_waits_for_the_round_in_flight(redis_server: RedisServer) -> None:
+    """close() while the loop's round is still in Redis (slow): the stop waits for it instead
+    of cancelling it, so the session's last events and its end are in Redis."""
+    a, b = await two_nodes(redis_server)
+    in_flight = asyncio.Event()
+    real = a._replicator._script
+
+    async def slow_script(**kwargs: object) -> object:
+        in_flight.set()
+        await asyncio.sleep(0.2)  # the fault: a slow Redis, not a synchronisation
+        return await real(**kwargs)  # type: ignore[arg-type]
+
+    a._replicator._script = slow_script  # type: ignore[assignment]
+    try:
+        session = a.create(content_type=SSE, write_path=WritePath.INLINE)
+        a.append(session, events(3))
+        a.end(session, EndState.DONE)
+        async with asyncio.timeout(5):
+            await in_flight.wait()
+        await a.close()
+        copied = await b.lookup(session.session_id)
+        assert copied.state is EndState.DONE and await read_all(copied) == events(3)
+    finally:
+        await b.close()
+
+
+async def test_a_newer_follower_of_a_session_stays_known_after_the_older_one_ends(
+    redis_server: RedisServer,
+) -> None:
+    """A mirror evicted and looked up again has two followers for a moment; the older one
+    ending must not forget the newer, which close() waits for."""
+    a, b = await two_nodes(redis_server)
+    try:
+        session = a.create(content_type=SSE, write_path=WritePath.INLINE)
+        a.append(session, events(1))
+        await until_copied(Pair(a, b), session)
+        [older] = b._mirrors.followers
+        b._mirrors._logs.popitem()  # b's cache evicts the mirror (as when full)
+        newer_mirror = await b.lookup(session.session_id)
+        assert not newer_mirror.gone_reason
+        a.append(session, events(1, start=2))  # wakes both followers' reads
+        await eventually("the older follower to end", older.done)
+        assert len(b._mirrors.followers) == 1 and not b._mirrors.followers[0].done()
+    finally:
+        await a.close()
+        await b.close()
+
+
+@pytest.mark.parametrize(
+    "entry", [{"end": "bogus", "reason": "x"}, {"end": "done"}, {"nothing": "x"}]
+)
+async def test_a_stream_entry_the_follower_cannot_read_drops_the_mirror(
+    redis_server: RedisServer, entry: dict[str, str]
+) -> None:
+    """An entry no relay writes (a bad end state, a missing field) ends the follower: the
+    mirror is dropped (410 for its readers and for later lookups), never left open unfollowed."""
+    a, b = await two_nodes(redis_server)
+    try:
+        session = a.create(content_type=SSE, write_path=WritePath.INLINE)
+        a.append(session, events(3))
+        mirror = await until_copied(Pair(a, b), session)
+        raw = aioredis.from_url(redis_server.url)
+        await raw.xadd(Keys("stream-relay", session.session_id).events, entry, id="0-4")
+        await raw.aclose()
+        await eventually("the follower to drop the mirror", lambda: mirror.gone_reason)
+        with pytest.raises(SessionGone):
+            await b.lookup(session.session_id)
+        assert not b._mirrors.followers
+    finally:
+        await a.close()
+        await b.close()
+
+
+def pending(metrics: RelayMetrics) -> float | None:
+    return metrics.registry.get_sample_value("relay_replication_pending_sessions")
+
+
+async def test_sessions_dropped_during_an_outage_are_not_kept_pending(
+    redis_server: RedisServer,
+) -> None:
+    """While Redis is down, sessions this node evicts before Redis ever heard of them leave the
+    replication's bookkeeping (it would grow with every session of the outage); the ones still
+    held here are all copied once Redis is back."""
+    limits = StoreLimits(store_max_bytes=MIB, session_max_bytes=MIB // 4, session_ttl=60)
+    metrics = RelayMetrics()
+    a, b = await two_nodes(redis_server, a_metrics=metrics, limits=limits)
+    try:
+        redis_server.stop()
+        big = b"data: " + b"x" * (MIB // 5) + b"\n\n"
+        sessions = []
+        for _ in range(20):
+            session = a.create(content_type=SSE, write_path=WritePath.INLINE)
+            a.append(session, [big])
+            a.end(session, EndState.DONE)
+            sessions.append(session)
+        held = [s for s in sessions if not s.gone_reason]
+        assert 0 < len(held) < 10  # the store evicted the others
+        await eventually("a round to fail", lambda: store_up(metrics) == 0)
+        await eventually("dropped sessions to leave", lambda: pending(metrics) == len(held))
+
+        redis_server.start()
+        for session in held:
+            assert await read_all(await until_copied(Pair(a, b), session)) == [big]
+        await eventually("nothing left to copy", lambda: pending(metrics) == 0)
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_request_key_known_after_the_first_copy_reaches_redis_while_open(
+    redis_server: RedisServer,
+) -> None:
+    """A request body may end after the response began: its key, set on the session after its
+    first copy, goes with the next round, so a node that mirrors the open session later checks
+    a resume against it (it reached Redis only with the end)."""
+    a, b = await two_nodes(redis_server)
+    c = redis_store(redis_server)
+    await c.start()
+    try:
+        session = a.create(content_type=SSE, write_path=WritePath.INLINE)
+        a.append(session, events(1))
+        assert (await until_copied(Pair(a, b), session)).request_key == ""
+        session.request_key = "the creating request"
+        a.append(session, events(1, start=2))
+        await until_copied(Pair(a, b), session)  # the round that carries event 2 went out
+        mirror = await c.lookup(session.session_id)  # c mirrors it now
+        assert mirror.state is EndState.OPEN and mirror.request_key == "the creating request"
+    finally:
+        for node in (a, b, c):
+            await node.close()

@@ -3,8 +3,9 @@
 A lookup copies what Redis holds into a SessionLog; while the session is open a follower task
 tails it with blocking XREAD. A follower that hears nothing for a while checks the writer's
 lease: a lapsed lease ends the session `failed` in Redis, once, for everyone. A hole in a
-stream (Redis evicted part of it) is said out loud: the mirror is dropped (410), never served
-with a gap. Mirrors are bounded by bytes like the node's own logs.
+stream (Redis evicted part of it), an entry no relay writes, or a follower's unexpected error
+is said out loud: the mirror is dropped (410), never served with a gap or left open with
+no follower. Mirrors are bounded by bytes like the node's own logs.
 """
 
 from __future__ import annotations
@@ -44,11 +45,13 @@ class Mirrors:
         self._closing = closing
         self._fail_script = calls.redis.register_script(FAIL_IF_ORPHANED)
         self._logs = LogCache(limits.store_max_bytes, lambda m: m.drop(DropReason.EVICTED))
-        self._followers: dict[str, asyncio.Task[None]] = {}
+        # Every follower still running; a session may have two for a moment (an evicted
+        # mirror's, not yet back from its read, and a newer mirror's).
+        self._followers: set[asyncio.Task[None]] = set()
 
     @property
     def followers(self) -> list[asyncio.Task[None]]:
-        return list(self._followers.values())
+        return list(self._followers)
 
     def get(self, session_id: str) -> SessionLog | None:
         return self._logs.get(session_id)
@@ -76,11 +79,25 @@ class Mirrors:
         if mirror.state is EndState.OPEN:
             node = meta.get(b"node", b"").decode()
             task = asyncio.create_task(self._follow(mirror, node))
-            self._followers[session_id] = task
-            task.add_done_callback(lambda _: self._followers.pop(session_id, None))
+            self._followers.add(task)
+            task.add_done_callback(self._followers.discard)
         return mirror
 
     async def _follow(self, mirror: SessionLog, node: str) -> None:
+        try:
+            await self._tail(mirror, node)
+        except Exception:  # a bug must not leave an open mirror that nothing follows
+            log.exception("following session %s failed: its mirror is dropped", mirror.session_id)
+            self._drop(mirror)
+
+    def _drop(self, mirror: SessionLog) -> None:
+        """Readers of the mirror get 410; out of the cache too, so a later lookup reads Redis
+        again (and finds the fault) instead of this empty copy."""
+        if self._logs.get(mirror.session_id) is mirror:
+            self._logs.pop(mirror.session_id)
+        mirror.drop(DropReason.EVICTED)
+
+    async def _tail(self, mirror: SessionLog, node: str) -> None:
         """Tail a session written by `node` until it ends; fail it if that node dies."""
         keys = Keys(self._settings.prefix, mirror.session_id)
         block_ms = int(min(POLL_S, self._settings.node_lease / 2) * 1000)
@@ -101,10 +118,7 @@ class Mirrors:
             if mirror.gone_reason:  # evicted while the read waited: no longer followed
                 return
             if not _copy(entries(cast(list[Any], reply)[0][1]), mirror):
-                # Redis lost part of it: say so, never skip. Out of the cache too, so a later
-                # lookup reads Redis again (and finds the hole) instead of this empty copy.
-                self._logs.pop(mirror.session_id, None)
-                mirror.drop(DropReason.EVICTED)
+                self._drop(mirror)  # Redis lost part of it: say so, never skip
                 return
             if self._logs.get(mirror.session_id) is mirror:
                 self._logs[mirror.session_id] = mirror  # re-set: the cache re-counts bytes
@@ -124,12 +138,17 @@ class Mirrors:
 
 
 def _copy(stored: list[Entry], mirror: SessionLog) -> bool:
-    """Append stored entries (events, then maybe the end marker) to a mirror; False on a gap."""
+    """Append stored entries (events, then maybe the end marker) to a mirror; False on a gap
+    or an entry no relay writes (an unknown end state, a missing field): unreadable is lost."""
     for entry_id, fields in stored:
         if seq_of(entry_id) != mirror.last_seq + 1:
             return False
-        if b"end" in fields:
-            mirror.end(EndState(fields[b"end"].decode()), fields[b"reason"].decode())
-            break
-        mirror.append(fields[b"d"])
+        try:
+            if b"end" in fields:
+                mirror.end(EndState(fields[b"end"].decode()), fields[b"reason"].decode())
+                break
+            mirror.append(fields[b"d"])
+        except (KeyError, ValueError):  # UnicodeDecodeError is a ValueError
+            log.warning("session %s: unreadable entry %r in Redis", mirror.session_id, entry_id)
+            return False
     return True

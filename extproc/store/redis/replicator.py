@@ -5,7 +5,9 @@ Appends mark a session dirty; a loop copies what accumulated in BATCH_WINDOW_S, 
 session in one script call per round (idempotent: a retried round, or a Redis that lost data,
 is refilled from this node's memory). A new session and a recheck after a lease break go at
 once, in a round of their own. A reply saying another node ended a session (this node was
-fenced) goes to the store, which cuts the session's clients here.
+fenced) goes to the store, which cuts the session's clients here. Bookkeeping stays bounded
+through a Redis outage: a session dropped here (evicted, expired) before Redis heard of it is
+forgotten, so only sessions still held here, or known to Redis, wait to be copied.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from extproc.errors import StoreUnavailable
@@ -53,6 +55,7 @@ class Copy:
     held_end: tuple[EndState, str] | None = None  # a `done` this node shows once Redis has it
     ttl_refreshed: float = 0.0
     check: bool = False  # Redis may have lost data (the lease broke): look closely next round
+    request_key: str = ""  # the request key the last round carried to Redis
 
     def end(self) -> tuple[EndState, str]:
         log = self.log
@@ -85,6 +88,7 @@ class Replicator:
         self._dirty: dict[str, Copy] = {}
         self._recheck: set[str] = set()  # asked again after a lease break, not yet answered
         self._wake = asyncio.Event()
+        self._one_round = asyncio.Lock()  # flush waits for a round the loop has in flight
         # Sessions that go at once, in a round of their own (a new session other nodes may
         # look up, a recheck), so the others keep their batch window.
         self._urgent: set[str] = set()
@@ -143,7 +147,9 @@ class Replicator:
             only = self._urgent if self._urgent and not self._at_once else None
             self._urgent, self._at_once = set(), False
             try:
-                if not await self._round(only):
+                async with self._one_round:
+                    copied = await self._round(only)
+                if not copied:
                     self.on_no_lease()
                     await asyncio.sleep(NO_LEASE_RETRY_S)
             except StoreUnavailable:
@@ -155,11 +161,18 @@ class Replicator:
                 self._wake.set()
 
     async def flush(self) -> None:
-        """Copy what is still pending (bounded wait): a clean stop loses nothing it can save."""
+        """Copy what is still pending, after the round in flight (bounded wait): a clean stop
+        loses nothing it can save."""
         with contextlib.suppress(TimeoutError, StoreUnavailable):
             async with asyncio.timeout(CLOSE_FLUSH_S):
-                while self._dirty:
-                    await self._round()
+                while True:
+                    async with self._one_round:
+                        if not self._dirty:
+                            return
+                        copied = await self._round()
+                    if not copied:  # no lease: the heartbeat renews it
+                        self.on_no_lease()
+                        await asyncio.sleep(NO_LEASE_RETRY_S)
 
     async def _round(self, only: set[str] | None = None) -> bool:
         """One script call for every dirty session, or `only` these (up to the round's
@@ -168,11 +181,25 @@ class Replicator:
             batch, self._dirty = self._dirty, {}
         else:
             batch = {sid: self._dirty.pop(sid) for sid in only if sid in self._dirty}
+        try:
+            return await self._copy_batch(batch)
+        except BaseException:  # Redis down, a bug, or a stop mid-call: none of it is lost
+            self._retry(batch.values())
+            raise
+
+    async def _copy_batch(self, batch: dict[str, Copy]) -> bool:
         args: list[bytes | str | int] = list(self._head)
         sent: list[tuple[Copy, int, EndState]] = []
         room_events, room_bytes = ROUND_MAX_EVENTS, ROUND_MAX_BYTES
         now = time.monotonic()
+        forgotten = 0
         for session_id, copy in batch.items():
+            if copy.log.gone_reason and not copy.sent and self._copies.get(session_id) is copy:
+                # Dropped here (evicted, expired) before Redis ever knew it: nothing is left to
+                # copy, so an outage does not keep bookkeeping for every session it saw.
+                del self._copies[session_id]
+                forgotten += 1
+                continue
             if room_events <= 0 or room_bytes <= 0:
                 self._dirty[session_id] = copy  # the next round, at once
                 self._at_once = True
@@ -184,27 +211,28 @@ class Replicator:
             room_bytes -= size
             copy.sent = True
             sent.append((copy, upto, state))
+        if forgotten:
+            log.warning("%d sessions dropped here before they reached the shared store", forgotten)
         if not sent:
             return True
-        try:
-            with self._calls.call(StoreOp.SYNC):
-                reply = await self._script(keys=[self._lease_key], args=args)
-        except StoreUnavailable:
-            self._retry(sent)
-            raise
+        with self._calls.call(StoreOp.SYNC):
+            reply = await self._script(keys=[self._lease_key], args=args)
         if not reply[0]:
-            self._retry(sent)
+            self._retry(copy for copy, _, _ in sent)
             return False
         for (copy, upto, state), stored in zip(sent, reply[1:], strict=True):
             self._settle(copy, upto, state, stored)
         self._answered({copy.log.session_id for copy, _, _ in sent})
         return True
 
-    def _retry(self, sent: list[tuple[Copy, int, EndState]]) -> None:
-        for copy, _, _ in sent:
+    def _retry(self, copies: Iterable[Copy]) -> None:
+        for copy in copies:
+            if self._copies.get(copy.log.session_id) is not copy:
+                continue  # settled before the failure (its end is in Redis), or fenced
             # Never confirmed: taken as unknown to Redis (a reply lost after the script ran
             # is the one case this gets wrong; see the README's timing of the rule).
             copy.sent = copy.confirmed
+            copy.request_key = ""  # it may not have arrived: sent again with the next round
             if not copy.sent and copy.held_end is not None:
                 self.release_end(copy)  # no other node can contradict it: show it now
             self._dirty.setdefault(copy.log.session_id, copy)
@@ -262,11 +290,17 @@ class Replicator:
         else:
             ttl = b"0"
         check = b"1" if copy.check else b"0"
+        # The request key may become known after the first copy (a request body that ends
+        # after the response began): it goes with the next round, for lookups elsewhere.
+        with_meta = (
+            stored == 0 or state is not EndState.OPEN or copy.request_key != session.request_key
+        )
         args += (
             session.session_id,
-            b"%d %d %s %s %s" % (stored + 1, len(events), _STATES[state], ttl, check),
+            b"%d %d %s %s %s %d" % (stored + 1, len(events), _STATES[state], ttl, check, with_meta),
         )
-        if stored == 0 or state is not EndState.OPEN:
+        if with_meta:
+            copy.request_key = session.request_key
             args += (
                 session.content_type,
                 session.write_path.value,

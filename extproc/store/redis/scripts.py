@@ -11,8 +11,9 @@ from __future__ import annotations
 # One replication round of a writing node: every dirty session in one call.
 #   KEYS[1]  the writing node's lease
 #   ARGV     prefix, node id, gone ttl ms, open ttl ms, then per session a record:
-#            id, "<first seq> <count> <state> <ttl ms> <check>",
-#            [content_type, write_path, owner, request]  on the first copy and with the end,
+#            id, "<first seq> <count> <state> <ttl ms> <check> <meta>",
+#            [content_type, write_path, owner, request]  if <meta> is 1: on the first copy,
+#                                               with the end, and once the request key is known,
 #            [reason]                           with the end,
 #            <count> events
 # Returns {0} when the lease is gone (renew, then retry), else {1, r1, r2, ...}: per session the
@@ -34,12 +35,12 @@ local out = {1}
 local i = 5
 while i <= #ARGV do
   local id = ARGV[i]
-  local first, count, state, ttl, check =
-    string.match(ARGV[i + 1], '^(%d+) (%d+) (%a+) (%d+) (%d)$')
+  local first, count, state, ttl, check, with_meta =
+    string.match(ARGV[i + 1], '^(%d+) (%d+) (%a+) (%d+) (%d) (%d)$')
   first, count = tonumber(first), tonumber(count)
   i = i + 2
   local fields, owner, reason
-  if first == 1 or state ~= 'open' then
+  if with_meta == '1' then
     owner = ARGV[i + 2]
     fields = {'content_type', ARGV[i], 'write_path', ARGV[i + 1], 'node', node, 'owner', owner,
       'request', ARGV[i + 3]}
@@ -48,13 +49,13 @@ while i <= #ARGV do
   if state ~= 'open' then reason = ARGV[i]; i = i + 1 end
   local base = prefix .. ':{' .. id .. '}:'
   local events, meta = base .. 'events', base .. 'meta'
-  local n, result
+  local n, result, current
   if check == '0' and first > 1 and count > 0 then
     local added = redis.pcall('XADD', events, '0-' .. first, 'd', ARGV[i])
     if type(added) ~= 'table' then n = first end
   end
   if not n then
-    local current = redis.call('HGET', meta, 'state')
+    current = redis.call('HGET', meta, 'state')
     if current and current ~= 'open' then
       if redis.call('HGET', meta, 'fenced') then result = redis.call('HGET', meta, 'reason')
       else result = tonumber(redis.call('HGET', meta, 'last_seq')) end
@@ -77,6 +78,9 @@ while i <= #ARGV do
     end
     local last = math.max(n, first + count - 1)
     if n == 0 and last > 0 then redis.call('PEXPIRE', events, open_ttl) end
+    if fields and state == 'open' and (current or first > 1) then
+      redis.call('HSET', meta, unpack(fields))  -- an open session's request key, once known
+    end
     if state ~= 'open' then
       redis.call('XADD', events, '0-' .. (last + 1), 'end', state, 'reason', reason)
       redis.call('HSET', meta, 'state', state, 'reason', reason, 'last_seq', last, unpack(fields))
