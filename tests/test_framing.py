@@ -20,9 +20,12 @@ from extproc.session.framing import (
     NdjsonFramer,
     SseFramer,
     framing_of,
+    id_head,
     sse_data,
     tag_sse,
+    tag_sse_seq,
 )
+from extproc.session.ids import new_session_id
 from extproc.vocabulary import Framing
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -462,3 +465,17 @@ def test_framing_of_content_types_is_case_insensitive() -> None:
     sse = framing.new_framer(Framing.SSE, max_frame_bytes=10)
     with pytest.raises(FrameTooLarge):
         sse.feed(b"x" * 11)
+
+
+@given(sse_bytes, st.integers(min_value=0, max_value=10**15 - 1))
+def test_tagging_with_a_prebuilt_id_head_is_tagging(raw: bytes, seq: int) -> None:
+    """The writer's hot path (`id: <session>:` built once per session) tags every block
+    exactly as `tag_sse` does with the whole id."""
+    session = new_session_id()
+    assert tag_sse_seq(raw, id_head(session), seq) == tag_sse(raw, f"{session}:{seq}")
+
+
+@pytest.mark.parametrize("bad", ["a\nb", "a:b", "a b", "é", ""])
+def test_an_id_head_takes_only_a_relay_session_id(bad: str) -> None:
+    with pytest.raises(ValueError, match="invalid session id"):
+        id_head(bad)

@@ -13,8 +13,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-# An event without one of these bytes cannot hold a report: checked before parsing any JSON.
-MARKERS = (b'"usage"', b'"eval_count"')
+# An event without one of these bytes cannot hold a report: checked before parsing any JSON
+# (OpenAI, Responses and Anthropic report under "usage", Ollama in "eval_count" fields).
+USAGE_MARKER = b'"usage"'
+OLLAMA_MARKER = b'"eval_count"'
 MAX_MODEL_CHARS = 128
 UNKNOWN_MODEL = "unknown"  # a report that names no model (Anthropic's message_delta)
 
@@ -27,12 +29,9 @@ class Usage:
 
 
 def may_report_usage(raw: bytes) -> bool:
-    # Once per event: a loop rather than any() over a generator, and find rather than `in`
-    # (bytes `in` first tries its operand as an int, raising and clearing a TypeError).
-    for marker in MARKERS:  # noqa: SIM110
-        if raw.find(marker) >= 0:
-            return True
-    return False
+    # Once per event: find rather than `in` (bytes `in` first tries its operand as an int,
+    # raising and clearing a TypeError), and no loop over a tuple of markers.
+    return raw.find(USAGE_MARKER) >= 0 or raw.find(OLLAMA_MARKER) >= 0
 
 
 def parse_usage(data: bytes) -> Usage | None:

@@ -10,8 +10,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-from extproc.session.framing import Frame, FrameTooLarge, NdjsonFramer, SseFramer, sse_data, tag_sse
-from extproc.session.ids import format_event_id
+from extproc.session.framing import (
+    Frame,
+    FrameTooLarge,
+    NdjsonFramer,
+    SseFramer,
+    id_head,
+    sse_data,
+    tag_sse_seq,
+)
 from extproc.session.log import EndState, SessionLog
 from extproc.session.usage import Usage, UsageTally, may_report_usage, parse_usage
 
@@ -27,7 +34,7 @@ class LogSink(Protocol):
 
 
 class SessionWriter:
-    __slots__ = ("_framer", "_on_usage", "_store", "_tag", "_usage", "log")
+    __slots__ = ("_framer", "_id_head", "_on_usage", "_store", "_tag", "_usage", "log")
 
     def __init__(
         self,
@@ -41,6 +48,7 @@ class SessionWriter:
         self.log = log
         self._framer: SseFramer | NdjsonFramer | None = framer
         self._tag = isinstance(framer, SseFramer)  # NDJSON lines cannot carry an id in-band
+        self._id_head = id_head(log.session_id) if self._tag else b""
         self._on_usage = on_usage  # the tokens each of the upstream's usage reports adds
         self._usage = UsageTally()
 
@@ -103,4 +111,4 @@ class SessionWriter:
             added = self._usage.add(usage) if usage is not None else None
             if added is not None:
                 self._on_usage(added)
-        return tag_sse(raw, format_event_id(self.log.session_id, seq)) if self._tag else raw
+        return tag_sse_seq(raw, self._id_head, seq) if self._tag else raw
