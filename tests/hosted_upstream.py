@@ -45,6 +45,7 @@ EVENT_PAUSE_S = 0.01
 SLOW_EVENTS = 40
 SLOW_PAUSE_S = 0.025
 MCP_EVENTS = 3
+SERVER = "hosted-llm/2.1"
 # Recorded from LiteLLM 1.108.7 (chat stream through its proxy, mock model).
 LITELLM_HEADERS = {
     "x-litellm-call-id": "ce467a09-a558-41ad-b6e6-cd2e091d1e49",
@@ -239,8 +240,13 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+async def _name_itself(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["Server"] = SERVER  # as a hosted API does; a proxy must not rename it
+
+
 def make_app() -> web.Application:
     app = web.Application()
+    app.on_response_prepare.append(_name_itself)
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_post("/v1/messages", messages)
     app.router.add_post("/v1/responses", responses)

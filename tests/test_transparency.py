@@ -15,14 +15,14 @@ from typing import Any
 
 import httpx
 import pytest
-from hosted_upstream import events
+from hosted_upstream import SERVER, events
 
 from extproc.ops.supervisor import Stack
 
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade"}
-# Changed by Envoy on every answer, as on any Envoy (README): its own `server`, `date` when it
-# writes the head, and `x-envoy-upstream-service-time`.
-ENVOY_OWN = {"server", "date", "x-envoy-upstream-service-time"}
+# Changed by Envoy on every answer, as on any Envoy (README): `date` when it writes the head,
+# and `x-envoy-upstream-service-time`. Not `server`: the LLM's passes through as it came.
+ENVOY_OWN = {"date", "x-envoy-upstream-service-time"}
 IDENTITY = {"Accept-Encoding": "identity"}
 TOOL_ARGUMENTS = '{"city": "Oslo"}'
 
@@ -223,3 +223,19 @@ def test_responses_stream_keeps_its_event_names(hosted_stack: Stack) -> None:
     assert len(blocks) == len(upstream)
     for n, (block, original) in enumerate(zip(blocks, upstream, strict=True), 1):
         assert block == f"id: {session}:{n}\n" + original.removesuffix("\n\n")
+
+
+def test_the_llms_server_header_passes_and_the_relay_adds_none(hosted_stack: Stack) -> None:
+    """The LLM's `Server` reaches the client on every kind of answer; the relay's own answers
+    (a resume, the session API) name no software at all: neither Envoy nor aiohttp."""
+    stream = post(hosted_stack.base_url, chat("fixture-chat"))
+    answers = [stream, post(hosted_stack.base_url, chat("fixture-chat", stream=False))]
+    answers.append(post(hosted_stack.base_url, chat("error-429")))
+    for answer in answers:
+        assert answer.headers.get_list("server") == [SERVER], answer.status_code
+    session = stream.headers["x-relay-session"]
+    resumed = post(hosted_stack.base_url, chat("fixture-chat"), **{"Last-Event-ID": f"{session}:1"})
+    info = httpx.get(f"{hosted_stack.base_url}/relay/v1/sessions/{session}", timeout=30)
+    for own in (resumed, info):
+        assert own.status_code == 200, own.text
+        assert "server" not in own.headers, own.headers["server"]

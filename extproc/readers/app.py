@@ -11,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from extproc.demo.page import demo_file
 from extproc.readers import api, original, sse, websocket
-from extproc.readers.http import NODE, Node, node_of, relay_errors
+from extproc.readers.http import NODE, Node, no_server_of_our_own, node_of, relay_errors
 
 
 async def _health(request: web.Request) -> web.Response:
@@ -28,6 +28,7 @@ async def _metrics(request: web.Request) -> web.Response:
 def make_app(node: Node) -> web.Application:
     app = web.Application(middlewares=[relay_errors])
     app[NODE] = node
+    app.on_response_prepare.append(no_server_of_our_own)
     app.router.add_get("/healthz", _health)
     app.router.add_get("/metrics", _metrics)
     # Envoy re-routes here with the original path appended (e.g. /_relay/resume/v1/chat/...).

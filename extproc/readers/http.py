@@ -39,6 +39,16 @@ class Node:
 
 
 NODE = web.AppKey("node", Node)
+# On a response that carries the LLM's own headers: its `Server` header, if it sent one.
+UPSTREAM_SERVER = "relay.upstream_server"
+
+
+async def no_server_of_our_own(request: web.Request, response: web.StreamResponse) -> None:
+    """aiohttp names itself in `Server` on every answer that has none; Envoy passes `Server`
+    through as it came (the LLM's own must reach its clients), so the relay's own answers, and
+    an LLM answer that had none, carry none (no software and version disclosed)."""
+    if response.get(UPSTREAM_SERVER) is None:
+        response.headers.popall("Server", None)
 
 
 def node_of(request: web.Request) -> Node:

@@ -20,6 +20,7 @@ from extproc.detached.forwarding import pass_through_headers, stream_response_he
 from extproc.errors import RelayError
 from extproc.readers.cursors import resume_cursor
 from extproc.readers.http import (
+    UPSTREAM_SERVER,
     access_of,
     body_chunks,
     client_target,
@@ -54,6 +55,8 @@ async def stream_cursor(
         if upstream_headers is not None:
             headers = stream_response_headers(upstream_headers.items(), headers)
         response = web.StreamResponse(headers=headers)
+        if upstream_headers is not None:
+            response[UPSTREAM_SERVER] = upstream_headers.get("Server")
         await response.prepare(request)
         try:
             async for _, batch in reader.batches():
@@ -130,6 +133,7 @@ async def _pass_through(
     headers (`Content-Length` too: the bytes are unchanged) and bytes as the upstream sent."""
     headers = pass_through_headers(upstream.headers.items())
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+    response[UPSTREAM_SERVER] = upstream.headers.get("Server")
     try:
         await response.prepare(request)
         async for chunk in upstream.content.iter_any():
