@@ -15,7 +15,7 @@ from mesh import plain
 from mesh.harness import Ports
 
 from extproc.ops.cli import main
-from extproc.ops.envoy_render import EnvoyPorts, Upstream, render, snippet
+from extproc.ops.envoy_render import EnvoyPorts, Upstream, _expand_aliases, render, snippet
 from extproc.ops.envoy_security import EnvoySecurity
 from extproc.ops.supervisor import envoy_binary
 
@@ -132,3 +132,21 @@ def test_merged_into_a_front_proxy_envoy_accepts_it(tmp_path: Path) -> None:
         timeout=60,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
+    ("template", "piece", "expected"),
+    [
+        (["a: &items", "- x: 1", "- x: 2", "b: 3"], "c: *items", {"c": [{"x": 1}, {"x": 2}]}),
+        (["- f: &flags", "    k: 1", "  s: 2"], "- g: *flags", [{"g": {"k": 1}}]),
+        (["a:", "  m: &deep", "    - 1", "  n: 2"], "  z: *deep", {"z": [1]}),
+    ],
+)
+def test_an_alias_becomes_its_anchors_value(
+    template: list[str], piece: str, expected: object
+) -> None:
+    """A piece cut from the template carries the value an alias stands for (a list at its key's
+    own column included), so it loads without the anchor."""
+    expanded = _expand_aliases(piece.strip(), template)
+    assert "*" not in expanded
+    assert yaml.safe_load(expanded) == expected

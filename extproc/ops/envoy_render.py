@@ -273,12 +273,17 @@ def _key_column(line: str) -> int:
 
 
 def _anchored(lines: list[str], anchor: str) -> tuple[int, list[str]]:
-    """The column of the key that carries `&anchor` and the lines of its value."""
+    """The column of the key that carries `&anchor` and the lines of its value: deeper lines,
+    and list items at the key's own column (YAML lets a key's list sit there)."""
     for index, line in enumerate(lines):
         if line.rstrip().endswith(f": &{anchor}"):
             key = _key_column(line)
             end = index + 1
-            while end < len(lines) and (not lines[end].strip() or _indent_of(lines[end]) > key):
+            while end < len(lines):
+                below, column = lines[end], _indent_of(lines[end])
+                in_value = column > key or (column == key and below.lstrip().startswith("- "))
+                if below.strip() and not in_value:
+                    break
                 end += 1
             return key, [re.sub(r" &[\w-]+$", "", ln) for ln in lines[index + 1 : end]]
     raise ValueError(f"envoy template: no anchor &{anchor}")
