@@ -281,22 +281,6 @@ def _is_id_line(line: bytes) -> bool:
     return line == b"id" or line.startswith(b"id:")
 
 
-def id_head(session_id: str) -> bytes:
-    """`id: <session>:`, the start of every id line of a session: built once per session for
-    `tag_sse_seq` (a relay session id is URL-safe base64, nothing an id line cannot carry)."""
-    if not session_id.isascii() or not session_id.replace("-", "").replace("_", "").isalnum():
-        raise ValueError(f"invalid session id for an SSE id line: {session_id!r}")
-    return b"id: %s:" % session_id.encode()
-
-
-def tag_sse_seq(raw: bytes, head: bytes, seq: int) -> bytes:
-    """`tag_sse` with the relay's own id `<session>:<seq>`, its `id_head` built once: the hot
-    path (once per event) skips the id's checks and encoding in the common case."""
-    if raw.startswith(b"data:") and raw.find(b"\r") < 0 and raw.find(b"\nid") < 0:
-        return b"%s%d\n%s" % (head, seq, raw)  # as tag_sse's fast path
-    return tag_sse(raw, f"{head[4:].decode()}{seq}")
-
-
 def tag_sse(raw: bytes, event_id: str) -> bytes:
     """Return the SSE block with `id: <event_id>` as its first line, using the block's own line
     ending (LF, CRLF or CR), with any upstream `id` field lines removed; every other byte unchanged
@@ -304,10 +288,16 @@ def tag_sse(raw: bytes, event_id: str) -> bytes:
     stays in front so that it still opens the stream."""
     if "\n" in event_id or "\r" in event_id or "\0" in event_id:
         raise ValueError(f"invalid SSE event id: {event_id!r}")
+    return tag_sse_id(raw, event_id.encode())
+
+
+def tag_sse_id(raw: bytes, event_id: bytes) -> bytes:
+    """`tag_sse` for an id known to be valid: the writer's hot path (once per event), whose ids
+    are its session's, checked once (ids.event_id_prefix)."""
     if raw.startswith(b"data:") and raw.find(b"\r") < 0 and raw.find(b"\nid") < 0:
-        return b"id: %s\n%s" % (event_id.encode(), raw)  # common: LF ends, no id line, no BOM
+        return b"id: %s\n%s" % (event_id, raw)  # common: LF ends, no id line, no BOM
     body = _skip_bom(raw)
-    head = raw[: len(raw) - len(body)] + b"id: " + event_id.encode() + _line_end(body)
+    head = raw[: len(raw) - len(body)] + b"id: " + event_id + _line_end(body)
     if body.startswith(b"id") or b"\nid" in body or b"\rid" in body:
         body = b"".join(ln for ln in body.splitlines(keepends=True) if not _is_id_line(ln))
     return head + body

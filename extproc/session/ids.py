@@ -52,6 +52,14 @@ def format_event_id(session: str, seq: int) -> str:
     return f"{session}:{seq}"
 
 
+def event_id_prefix(session: str) -> bytes:
+    """`<session>:`, what every event id of a session starts with, checked and encoded once
+    (the writer appends each seq to it)."""
+    if not is_session_id(session):
+        raise ValueError(f"not a relay session id: {session!r}")
+    return f"{session}:".encode()
+
+
 def parse_event_id(text: str) -> EventId:
     """Parse a client-supplied id; anything we could not have issued is MalformedEventId."""
     if len(text) > MAX_EVENT_ID_LENGTH:

@@ -15,10 +15,10 @@ from extproc.session.framing import (
     FrameTooLarge,
     NdjsonFramer,
     SseFramer,
-    id_head,
     sse_data,
-    tag_sse_seq,
+    tag_sse_id,
 )
+from extproc.session.ids import event_id_prefix
 from extproc.session.log import EndState, SessionLog
 from extproc.session.usage import Usage, UsageTally, may_report_usage, parse_usage
 
@@ -34,7 +34,7 @@ class LogSink(Protocol):
 
 
 class SessionWriter:
-    __slots__ = ("_framer", "_id_head", "_on_usage", "_store", "_tag", "_usage", "log")
+    __slots__ = ("_framer", "_id_prefix", "_on_usage", "_store", "_tag", "_usage", "log")
 
     def __init__(
         self,
@@ -48,7 +48,7 @@ class SessionWriter:
         self.log = log
         self._framer: SseFramer | NdjsonFramer | None = framer
         self._tag = isinstance(framer, SseFramer)  # NDJSON lines cannot carry an id in-band
-        self._id_head = id_head(log.session_id) if self._tag else b""
+        self._id_prefix = event_id_prefix(log.session_id) if self._tag else b""
         self._on_usage = on_usage  # the tokens each of the upstream's usage reports adds
         self._usage = UsageTally()
 
@@ -111,4 +111,4 @@ class SessionWriter:
             added = self._usage.add(usage) if usage is not None else None
             if added is not None:
                 self._on_usage(added)
-        return tag_sse_seq(raw, self._id_head, seq) if self._tag else raw
+        return tag_sse_id(raw, b"%s%d" % (self._id_prefix, seq)) if self._tag else raw
