@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -124,6 +126,22 @@ def npm_ci_unless_installed(
         check=False,
     )
     assert done.returncode == 0, f"npm ci failed:\n{done.stdout}\n{done.stderr}"
+
+
+def run_browser_driver(argv: list[str], *, timeout_s: float) -> str:
+    """Run a Node driver that starts Chromium, in its own process group so that a timeout
+    kills Node and its Chromium together; its stdout, once it exited 0."""
+    process = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        out, err = process.communicate(timeout=timeout_s)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    assert process.returncode == 0, f"driver failed:\n{out}\n{err}"
+    return out
 
 
 async def run_to_end(*argv: str, kill_after_s: float) -> tuple[int, bytes, bytes]:

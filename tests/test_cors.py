@@ -10,10 +10,7 @@ import asyncio
 import functools
 import http.server
 import json
-import os
 import shutil
-import signal
-import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 import websockets
-from conftest import make_stack
+from conftest import make_stack, run_browser_driver
 from test_demo_page import JS_DIR, playwright_node  # noqa: F401 (a fixture: npm ci once)
 
 from extproc.ops.cli import build_parser
@@ -187,20 +184,8 @@ async def test_websockets_from_other_origins_are_refused(cors_stack: Stack, page
 
 
 def run_driver(node: str, stack: Stack, pages: _Pages) -> dict[str, Any]:
-    process = subprocess.Popen(
-        [node, str(DRIVER), str(PLAYWRIGHT), stack.base_url, pages.granted, pages.other],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # a timeout kills Node and its Chromium together
-    )
-    try:
-        out, err = process.communicate(timeout=DRIVER_TIMEOUT_S)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
-    assert process.returncode == 0, f"driver failed:\n{out}\n{err}"
+    argv = [node, str(DRIVER), str(PLAYWRIGHT), stack.base_url, pages.granted, pages.other]
+    out = run_browser_driver(argv, timeout_s=DRIVER_TIMEOUT_S)
     return dict(json.loads(out.splitlines()[-1]))
 
 

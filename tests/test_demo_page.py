@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
-import signal
-import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import npm_ci_unless_installed
+from conftest import npm_ci_unless_installed, run_browser_driver
 from test_chaos import reference_events
 
 from extproc.ops.supervisor import Stack
@@ -75,22 +72,9 @@ def test_demo_page_and_client_are_served(detached_stack: Stack) -> None:
 
 
 def run_driver(node: str, base_url: str, screenshot: Path) -> dict[str, object]:
-    # Its own process group: a timeout kills Node and the Chromium it started.
     args = ["--screenshot", str(screenshot), "--rate", "25", "--max-tokens", str(MAX_TOKENS)]
-    process = subprocess.Popen(
-        [node, str(DRIVER), base_url, *args, "--timeout-ms", "40000"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = process.communicate(timeout=DRIVER_TIMEOUT_S)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
-    assert process.returncode == 0, f"driver failed:\n{out}\n{err}"
+    argv = [node, str(DRIVER), base_url, *args, "--timeout-ms", "40000"]
+    out = run_browser_driver(argv, timeout_s=DRIVER_TIMEOUT_S)
     lines = out.splitlines()
     assert len(lines) == 1, out
     return dict(json.loads(lines[0]))

@@ -39,17 +39,22 @@ def open_session_bytes(target: Target, sessions: int) -> Json:
     return {"sessions": sessions, "rss_delta_mb": delta / MB, "bytes_per_session": delta / sessions}
 
 
-def finished_sessions(target: Target, sessions: int) -> Json:
-    relay = target.pids["relay"][0]  # single-node scenarios only
-    rss0, store0 = procstat.rss_bytes(relay), _metric(target.metrics_url, "relay_store_bytes")
-    job = {
+def _finished_job(target: Target, sessions: int) -> Json:
+    """The load generator's job: `sessions` answers of 22 events (role, 20 tokens, finish),
+    each read to its end."""
+    return {
         "kind": "finished",
         "host": "127.0.0.1",
         "port": target.port,
         "sessions": sessions,
         "tokens": 20,
     }
-    result, _, _ = run_loadgen(job, {}, timeout_s=300)
+
+
+def finished_sessions(target: Target, sessions: int) -> Json:
+    relay = target.pids["relay"][0]  # single-node scenarios only
+    rss0, store0 = procstat.rss_bytes(relay), _metric(target.metrics_url, "relay_store_bytes")
+    result, _, _ = run_loadgen(_finished_job(target, sessions), {}, timeout_s=300)
     rss = procstat.rss_bytes(relay) - rss0
     store = _metric(target.metrics_url, "relay_store_bytes") - store0
     per_k = 1000 / sessions
@@ -78,14 +83,7 @@ def redis_memory(target: Target, sessions: int) -> Json:
     try:
         _replicated(target)  # what the scenario's earlier runs left must not count
         used0 = int(client.info("memory")["used_memory"])
-        job = {
-            "kind": "finished",
-            "host": "127.0.0.1",
-            "port": target.port,
-            "sessions": sessions,
-            "tokens": 20,
-        }
-        result, _, _ = run_loadgen(job, {}, timeout_s=300)
+        result, _, _ = run_loadgen(_finished_job(target, sessions), {}, timeout_s=300)
         _replicated(target)
         used = int(client.info("memory")["used_memory"]) - used0
         keys = int(client.dbsize())

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mesh.harness import Ports
+from mesh.harness import Ports, h2c_protocol_options, loopback_endpoint
 from mesh.manifests import Doc, documents, duration, of_kind, one, quantity
 
 T = "type.googleapis.com/envoy."
@@ -68,30 +68,10 @@ def _cluster(
         "type": "STATIC",
         "connect_timeout": "10s",
         "per_connection_buffer_limit_bytes": 32768,  # EG's default
-        "load_assignment": {
-            "cluster_name": name,
-            "endpoints": [
-                {
-                    "lb_endpoints": [
-                        {
-                            "endpoint": {
-                                "address": {
-                                    "socket_address": {"address": "127.0.0.1", "port_value": port}
-                                }
-                            }
-                        }
-                    ]
-                }
-            ],
-        },
+        "load_assignment": loopback_endpoint(name, port),
     }
     if http2:
-        cluster["typed_extension_protocol_options"] = {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": f"{T}extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {}},
-            }
-        }
+        cluster["typed_extension_protocol_options"] = h2c_protocol_options()
     settings = settings or {}
     if "connection" in settings and "bufferLimit" in settings["connection"]:
         cluster["per_connection_buffer_limit_bytes"] = quantity(

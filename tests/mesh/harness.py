@@ -46,6 +46,24 @@ class Ports:
 Builder = Callable[[Ports], dict[str, Any]]
 
 
+def h2c_protocol_options() -> dict[str, Any]:
+    """A cluster's upstream protocol as the platforms render h2c (appProtocol
+    kubernetes.io/h2c); a fresh copy, as patches may merge into it."""
+    return {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}},
+        }
+    }
+
+
+def loopback_endpoint(name: str, port: int) -> dict[str, Any]:
+    """A cluster's load_assignment: its one host on this machine, where the tests run it."""
+    address = {"socket_address": {"address": "127.0.0.1", "port_value": port}}
+    endpoint = {"endpoint": {"address": address}}
+    return {"cluster_name": name, "endpoints": [{"lb_endpoints": [endpoint]}]}
+
+
 @dataclass
 class MeshStack:
     """A running platform stack; `host` is the Host header its virtual host answers."""
@@ -105,11 +123,19 @@ def relay_argv(ports_file: Path, egress_url: str, extra: tuple[str, ...]) -> lis
     )
 
 
-def _listener_port(admin_url: str, name: str) -> int | None:
+def _admin_statuses(admin_url: str, what: str) -> list[dict[str, Any]] | None:
+    """Envoy admin's /listeners or /clusters as JSON; None while Envoy cannot answer."""
     try:
-        with urllib.request.urlopen(f"{admin_url}/listeners?format=json", timeout=1) as got:
-            listeners = json.load(got)["listener_statuses"]
+        with urllib.request.urlopen(f"{admin_url}/{what}?format=json", timeout=1) as got:
+            statuses: list[dict[str, Any]] = json.load(got)[f"{what[:-1]}_statuses"]
     except (OSError, ValueError, KeyError):
+        return None
+    return statuses
+
+
+def _listener_port(admin_url: str, name: str) -> int | None:
+    listeners = _admin_statuses(admin_url, "listeners")
+    if listeners is None:
         return None
     for listener in listeners:
         if listener.get("name") == name:
@@ -238,10 +264,8 @@ def start_without_processor(running: MeshStack, build: Builder) -> None:
 
 def hosts_healthy(admin_url: str, ports: set[int]) -> bool:
     """Every host of Envoy's clusters on one of these ports is healthy (per Envoy's admin)."""
-    try:
-        with urllib.request.urlopen(f"{admin_url}/clusters?format=json", timeout=1) as got:
-            clusters = json.load(got)["cluster_statuses"]
-    except (OSError, ValueError, KeyError):
+    clusters = _admin_statuses(admin_url, "clusters")
+    if clusters is None:
         return False
     for cluster in clusters:
         for host in cluster.get("host_statuses", []):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mesh.harness import Ports
+from mesh.harness import Ports, h2c_protocol_options, loopback_endpoint
 from mesh.manifests import Doc, documents, duration, of_kind, one
 
 T = "type.googleapis.com/envoy."
@@ -126,30 +126,10 @@ def _cluster(name: str, port: int, *, http2: bool, rule: Doc | None) -> dict[str
                 }
             ]
         },
-        "load_assignment": {
-            "cluster_name": name,
-            "endpoints": [
-                {
-                    "lb_endpoints": [
-                        {
-                            "endpoint": {
-                                "address": {
-                                    "socket_address": {"address": "127.0.0.1", "port_value": port}
-                                }
-                            }
-                        }
-                    ]
-                }
-            ],
-        },
+        "load_assignment": loopback_endpoint(name, port),
     }
     if http2:  # appProtocol kubernetes.io/h2c
-        cluster["typed_extension_protocol_options"] = {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": f"{T}extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {}},
-            }
-        }
+        cluster["typed_extension_protocol_options"] = h2c_protocol_options()
     outlier = (rule or {}).get("trafficPolicy", {}).get("outlierDetection")
     if outlier:
         cluster["outlier_detection"] = {
